@@ -1,0 +1,15 @@
+//! tokenrelay's core: the hot paths of the proxy, in plain Rust.
+//!
+//! The modules below hold no pyo3 types and are tested with `cargo test` alone; `py/` is the thin glue that
+//! exposes them to Python as `tokenrelay._core` (built with the `python` feature by maturin).
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+
+pub mod api;
+pub mod balance;
+pub mod events;
+pub mod meter;
+pub mod sse;
+pub mod tokens;
+
+#[cfg(feature = "python")]
+mod py;
