@@ -1,0 +1,143 @@
+"""Builds the aiohttp application and runs it: one process, or N workers sharing the port (SO_REUSEPORT)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import replace
+
+from aiohttp import web
+
+from tokenrelay.config import Config, with_builtin_routes
+from tokenrelay.handlers import admin, api
+from tokenrelay.metering import Metering
+from tokenrelay.mock import MockProvider
+from tokenrelay.relay import Relay
+from tokenrelay.state import RELAY, STARTED
+from tokenrelay.upstream import make_session
+
+log = logging.getLogger("tokenrelay")
+
+
+def build_app(config: Config) -> web.Application:
+    """The daemon's application for a config whose host and port are the ones actually bound."""
+    config = with_builtin_routes(config)
+    app = web.Application(client_max_size=config.max_body_bytes, handler_args={"max_field_size": 64 * 1024})
+    app[STARTED] = time.monotonic()
+    meter = Metering(log_requests=config.log_requests)
+
+    async def start_relay(app: web.Application) -> None:
+        app[RELAY] = Relay(config, make_session(), meter)
+
+    async def stop_relay(app: web.Application) -> None:
+        await app[RELAY].session.close()
+
+    app.on_startup.append(start_relay)
+    app.on_cleanup.append(stop_relay)
+    api.add_routes(app)
+    admin.add_routes(app)
+    app.add_subapp("/_mock", MockProvider().app())
+    return app
+
+
+def bind_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
+    """A listening socket, bound before the app is built so the mock routes know the real port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(4096)
+    sock.setblocking(False)
+    return sock
+
+
+async def serve(config: Config, sock: socket.socket | None = None, ready_fd: int | None = None) -> None:
+    """Runs one server process until SIGTERM or SIGINT, then drains in-flight requests and exits."""
+    if sock is None:
+        sock = bind_socket(config.host, config.port, reuse_port=os.environ.get("TOKENRELAY_REUSE_PORT") == "1")
+    host, port = sock.getsockname()[:2]
+    config = replace(config, port=port)
+    app = build_app(config)
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        handle_signals=False,
+        handler_cancellation=True,
+        shutdown_timeout=config.shutdown_grace_s,
+    )
+    await runner.setup()
+    site = web.SockSite(runner, sock, shutdown_timeout=config.shutdown_grace_s)
+    await site.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info(
+        "tokenrelay listening on http://%s:%d (routes: %s)",
+        host,
+        port,
+        ", ".join(sorted(app[RELAY].config.routes)),
+    )
+    if ready_fd is not None:
+        os.write(ready_fd, f"{port}\n".encode())
+    print(f"tokenrelay listening on http://{host}:{port}", flush=True)
+    await stop.wait()
+    log.info(
+        "shutting down: finishing %d in-flight requests (grace %.0f s)",
+        app[RELAY].in_flight,
+        config.shutdown_grace_s,
+    )
+    await runner.cleanup()
+
+
+def run(config: Config) -> int:
+    """Runs the daemon in this process (one worker) or supervises `config.workers` worker processes."""
+    if config.workers <= 1 or os.environ.get("TOKENRELAY_WORKER") == "1":
+        _run_loop(serve(config))
+        return 0
+    return _supervise(config)
+
+
+def _run_loop(main: asyncio.Future[None] | object) -> None:
+    try:
+        import uvloop
+
+        uvloop.run(main)  # type: ignore[arg-type]
+    except ImportError:
+        asyncio.run(main)  # type: ignore[arg-type]
+
+
+def _supervise(config: Config) -> int:
+    """Starts N workers that bind the same port with SO_REUSEPORT, restarts any that dies, forwards signals."""
+    if config.port == 0:
+        print("tokenrelay: --workers > 1 needs a fixed port (not 0)", file=sys.stderr)
+        return 2
+    env = {**os.environ, "TOKENRELAY_WORKER": "1", "TOKENRELAY_REUSE_PORT": "1"}
+    args = [sys.executable, "-m", "tokenrelay", *sys.argv[1:]]
+    workers = [subprocess.Popen(args, env=env) for _ in range(config.workers)]
+    stopping = False
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for w in workers:
+            if w.poll() is None:
+                w.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    while not stopping:
+        time.sleep(0.2)
+        for i, w in enumerate(workers):
+            if not stopping and w.poll() is not None:
+                log.error("worker %d exited with %s; restarting it", w.pid, w.returncode)
+                workers[i] = subprocess.Popen(args, env=env)
+    return max((w.wait() for w in workers), default=0)

@@ -1,0 +1,1 @@
+"""HTTP handlers: the relayed APIs (`api`) and the daemon's own endpoints (`admin`)."""

@@ -1,0 +1,133 @@
+"""The relayed endpoints: OpenAI chat completions, completions, responses, embeddings; Anthropic messages."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from tokenrelay import metering
+from tokenrelay.errors import error_response
+from tokenrelay.metering import Outcome
+from tokenrelay.relay import Call, client_identity
+from tokenrelay.state import RELAY
+
+MAX_RUN_ID = 128
+MAX_TAGS = 16
+MAX_TAG_LENGTH = 64
+
+# api name -> upstream path under a deployment's base URL
+ENDPOINTS: dict[str, str] = {
+    "chat": "/chat/completions",
+    "completions": "/completions",
+    "responses": "/responses",
+    "embeddings": "/embeddings",
+    "messages": "/messages",
+    "count_tokens": "/messages/count_tokens",
+}
+# The wire format each API belongs to (what a deployment's `kind` must be to serve it without translation).
+API_KIND = {
+    "chat": "openai",
+    "completions": "openai",
+    "responses": "openai",
+    "embeddings": "openai",
+    "messages": "anthropic",
+    "count_tokens": "anthropic",
+}
+
+
+def _error_api(api: str) -> str:
+    return "messages" if api in ("messages", "count_tokens") else api
+
+
+def _parse_tags(value: str) -> str | None:
+    tags = [t.strip() for t in value.split(",") if t.strip()]
+    if len(tags) > MAX_TAGS or any(len(t) > MAX_TAG_LENGTH for t in tags):
+        return None
+    return ",".join(sorted(set(tags)))
+
+
+def endpoint(api: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """The handler for one relayed API."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        relay = request.app[RELAY]
+        err_api = _error_api(api)
+        secret = client_identity(request.headers)
+        outcome = Outcome(
+            request_id=uuid.uuid4().hex,
+            ts=time.time(),
+            started_ns=time.monotonic_ns(),
+            api=api,
+            route="",
+            stream=False,
+            requested_model="",
+            key_id=metering.key_id(secret),
+        )
+
+        def reject(status: int, message: str, code: str | None = None, param: str | None = None) -> web.Response:
+            outcome.fail(status, metering.CLIENT_4XX, message)
+            relay.meter.record(outcome)
+            return error_response(status, message, err_api, code=code, param=param)
+
+        run = request.match_info.get("run") or request.headers.get("x-tokenrelay-run", "")
+        if len(run) > MAX_RUN_ID:
+            return reject(400, f"the run id is longer than {MAX_RUN_ID} characters")
+        outcome.run = run
+        tags = _parse_tags(request.headers.get("x-tokenrelay-tags", ""))
+        if tags is None:
+            return reject(400, f"X-Tokenrelay-Tags allows at most {MAX_TAGS} tags of {MAX_TAG_LENGTH} characters")
+        outcome.tags = tags
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            limit = relay.config.max_body_bytes
+            return reject(413, f"the request body is larger than the limit of {limit} bytes", "request_too_large")
+        try:
+            body: Any = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            return reject(400, f"the request body is not valid JSON: {exc}", "invalid_json")
+        if not isinstance(body, dict):
+            return reject(400, "the request body must be a JSON object", "invalid_json")
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            return reject(400, "you must provide a model parameter (the route name)", "missing_model", "model")
+        outcome.requested_model = model
+        outcome.route = model
+        route = relay.config.find_route(model)
+        if route is None:
+            names = ", ".join(sorted(relay.config.routes)) or "(none)"
+            return reject(
+                404,
+                f"The model {model!r} does not exist: no route of that name. Routes: {names}",
+                "model_not_found",
+                "model",
+            )
+        kind = API_KIND[api]
+        if not any(d.kind == kind for d in route.deployments):
+            return reject(
+                400,
+                f"route {route.name!r} has no {kind}-kind deployment to serve {request.path}",
+                "unsupported_api",
+            )
+        stream = body.get("stream") is True and api not in ("embeddings", "count_tokens")
+        outcome.stream = stream
+        call = Call(request, api, ENDPOINTS[api], body, raw, stream, outcome)
+        return await relay.handle(call, route)
+
+    return handle
+
+
+def add_routes(app: web.Application) -> None:
+    """Registers the relayed APIs under /v1 and under the run-scoped prefix /run/{run}/v1."""
+    for prefix in ("/v1", "/run/{run}/v1"):
+        app.router.add_post(f"{prefix}/chat/completions", endpoint("chat"))
+        app.router.add_post(f"{prefix}/completions", endpoint("completions"))
+        app.router.add_post(f"{prefix}/responses", endpoint("responses"))
+        app.router.add_post(f"{prefix}/embeddings", endpoint("embeddings"))
+        app.router.add_post(f"{prefix}/messages", endpoint("messages"))
+        app.router.add_post(f"{prefix}/messages/count_tokens", endpoint("count_tokens"))

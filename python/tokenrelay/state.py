@@ -1,0 +1,13 @@
+"""Typed keys for what the aiohttp application holds."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from tokenrelay.relay import Relay
+
+RELAY: web.AppKey[Relay] = web.AppKey("relay")
+STARTED: web.AppKey[float] = web.AppKey("started", float)

@@ -1,0 +1,100 @@
+"""The command line as a person uses it: check a config, ask the version, start and stop the daemon."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from tokenrelay import __version__
+
+GOOD = """
+listen = "127.0.0.1:4999"
+
+[routes.fast-llama]
+strategy = "round_robin"
+[[routes.fast-llama.deployments]]
+kind = "openai"
+base_url = "https://api.groq.com/openai/v1"
+model = "llama-3.3-70b-versatile"
+api_key_env = "GROQ_API_KEY"
+weight = 1
+"""
+
+BAD = """
+listen = "nowhere"
+colour = "blue"
+
+[routes.fast-llama]
+strategy = "fastest-ever"
+[[routes.fast-llama.deployments]]
+kind = "grpc"
+base_url = "ftp://example"
+model = "m"
+api_key_env = "NOT_SET_ANYWHERE_KEY"
+weight = "heavy"
+wieght = 2
+"""
+
+
+def tokenrelay(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    import os
+
+    return subprocess.run(
+        [sys.executable, "-m", "tokenrelay", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=60,
+    )
+
+
+def test_version() -> None:
+    result = tokenrelay("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"tokenrelay {__version__}"
+
+
+def test_check_accepts_a_good_config(tmp_path: Path) -> None:
+    path = tmp_path / "good.toml"
+    path.write_text(GOOD)
+    result = tokenrelay("check", str(path), env={"GROQ_API_KEY": "gsk-test"})
+    assert result.returncode == 0, result.stderr
+    assert "1 routes, 1 deployments" in result.stdout
+
+
+def test_check_names_every_error_with_its_key_path(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(BAD)
+    result = tokenrelay("check", str(path))
+    assert result.returncode == 1
+    err = result.stderr
+    for expected in (
+        "listen: expected HOST:PORT",
+        "colour: unknown key",
+        "routes.fast-llama.strategy: must be one of",
+        "routes.fast-llama.deployments[0].kind: must be one of openai, anthropic",
+        "routes.fast-llama.deployments[0].base_url: must be an http:// or https:// URL",
+        "routes.fast-llama.deployments[0].api_key_env: environment variable NOT_SET_ANYWHERE_KEY is not set",
+        "routes.fast-llama.deployments[0].weight: expected an integer, got str 'heavy'",
+        "routes.fast-llama.deployments[0].wieght: unknown key (did you mean 'weight'?)",
+    ):
+        assert expected in err, f"missing {expected!r} in:\n{err}"
+
+
+def test_check_reports_invalid_toml_and_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "broken.toml"
+    path.write_text("[routes\n")
+    assert "invalid TOML" in tokenrelay("check", str(path)).stderr
+    missing = tokenrelay("check", str(tmp_path / "nope.toml"))
+    assert missing.returncode == 1 and "no such file" in missing.stderr
+
+
+def test_serve_refuses_a_bad_config_before_binding(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(textwrap.dedent(BAD))
+    result = tokenrelay("serve", "--config", str(path))
+    assert result.returncode == 1
+    assert "listening" not in result.stdout
+    assert "error(s)" in result.stderr
