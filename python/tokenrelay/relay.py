@@ -1,15 +1,20 @@
 """The byte pump: a client request, sent to a deployment the route's pool picks, relayed back unchanged.
 
-Failures before the first byte reaches the client are retried on another deployment; after it, a failure ends
-the stream with an error event in the API's own format. Whatever happens, the request is metered exactly once.
+An attempt has two phases. *Open*: connect, send, and wait for the first content token (holding back the
+stream's opening events); any failure here is retried on another deployment, and a slow first token can be
+hedged on a second one. *Deliver*: from the first byte the client receives, bytes go out as they come in and
+nothing is retried; a failure ends the stream with an error event in the API's own format. Whatever happens,
+the request is metered exactly once (and a hedge that lost, once more, as such).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -23,20 +28,24 @@ from tokenrelay._core import StreamMeter, Usage, decode_body
 from tokenrelay.config import Config, Deployment, Route
 from tokenrelay.errors import error_event, error_response
 from tokenrelay.metering import Metering, Outcome
+from tokenrelay.ratelimit import cooldown_from_headers
 from tokenrelay.routing import CANCELLED, FAILURE, RATE_LIMITED, SUCCESS, RoutePool
 from tokenrelay.upstream import response_headers, upstream_headers, upstream_url
 
 log = logging.getLogger("tokenrelay.relay")
 
-# Statuses that mean "this deployment, not this request": try another one.
+# Statuses that mean "this deployment, not this request": try another one. 401/403 are here because the
+# upstream key is the deployment's, not the client's: a revoked key on one deployment must not fail agents.
 RETRYABLE_STATUSES = frozenset({401, 403, 408, 409, 429, 500, 502, 503, 504, 529})
 # Above this many bytes of text to count, usage estimation runs in a thread instead of on the event loop.
 ESTIMATE_INLINE_BYTES = 16 * 1024
 DEFAULT_COOLDOWN_S = 5.0
-# How long the opening events of a stream may be held back waiting for the first content token, so that an
-# in-band error before any content can still fail over. Capped by the route's keep-alive interval.
+# How long a stream's opening events may be held back waiting for the first content token, so that an in-band
+# error before any content can still fail over; after that the client gets them (and keep-alive comments).
 MAX_HOLD_S = 10.0
 KEEPALIVE_COMMENT = b": keep-alive\n\n"
+_WRITE_ERRORS = (ConnectionError, aiohttp.ClientConnectionResetError)
+_READ_ERRORS = (aiohttp.ClientError, ConnectionError)
 
 
 @dataclass
@@ -55,12 +64,20 @@ class Call:
 class _Retry(Exception):
     """An attempt failed before anything reached the client: another deployment may serve the request."""
 
-    def __init__(self, status: int, error_class: str, message: str, response: web.Response | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        error_class: str,
+        message: str,
+        response: web.Response | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.error_class = error_class
         self.message = message
         self.response = response  # the upstream's own error, passed through if no attempt is left
+        self.retry_after_s = retry_after_s
 
 
 class _Watchdog:
@@ -70,26 +87,20 @@ class _Watchdog:
     when a deadline has passed it closes the upstream response, which ends the read loop.
     """
 
-    def __init__(self, route: Route, started: float) -> None:
+    def __init__(self, route: Route) -> None:
         self.loop = asyncio.get_running_loop()
-        self.route = route
-        self.started = started
-        self.last = started
+        self.timeouts = route.timeouts
+        self.started = self.last = self.loop.time()
         self.first = True
         self.fired: str | None = None
         self.response: aiohttp.ClientResponse | None = None
-        self._handle: asyncio.TimerHandle | None = None
-        self._arm()
+        self.task: asyncio.Task[Any] | None = None
+        self._handle = self.loop.call_at(self._deadline(), self._check)
 
     def _deadline(self) -> float:
-        t = self.route.timeouts
+        t = self.timeouts
         deadline = self.last + (t.first_token if self.first else t.idle)
-        if t.total is not None:
-            deadline = min(deadline, self.started + t.total)
-        return deadline
-
-    def _arm(self) -> None:
-        self._handle = self.loop.call_at(self._deadline(), self._check)
+        return deadline if t.total is None else min(deadline, self.started + t.total)
 
     def _check(self) -> None:
         now = self.loop.time()
@@ -97,23 +108,72 @@ class _Watchdog:
         if now < deadline:
             self._handle = self.loop.call_at(deadline, self._check)
             return
-        t = self.route.timeouts
-        total_hit = t.total is not None and now >= self.started + t.total
-        self.fired = "total" if total_hit else ("first_token" if self.first else "idle")
+        total = self.timeouts.total
+        self.fired = (
+            "total" if total is not None and now >= self.started + total else ("first_token" if self.first else "idle")
+        )
         if self.response is not None:
             self.response.close()
+        elif self.task is not None:  # still connecting or waiting for headers
+            self.task.cancel()
 
     def cancel(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
+        self._handle.cancel()
 
     def describe(self) -> str:
-        t = self.route.timeouts
+        t = self.timeouts
         if self.fired == "total":
             return f"the request took longer than the route's total timeout ({t.total:g} s)"
         if self.fired == "first_token":
             return f"no first token within the route's first_token timeout ({t.first_token:g} s)"
         return f"the upstream sent nothing for the route's idle timeout ({t.idle:g} s)"
+
+
+class Attempt:
+    """One try of a request on one deployment: its pool slot, upstream response and stream meter."""
+
+    def __init__(self, call: Call, route: Route, pool: RoutePool, idx: int) -> None:
+        self.call = call
+        self.route = route
+        self.pool = pool
+        self.idx = idx
+        self.deployment: Deployment = route.deployments[idx]
+        self.model = self.deployment.upstream_model(call.outcome.requested_model, route.name)
+        self.released = False
+        self.upstream: aiohttp.ClientResponse | None = None
+        self.meter: StreamMeter | None = None
+        self.held: list[bytes] = []
+        self.final: web.Response | None = None  # a complete answer (non-streaming, or a passed-through error)
+        self.usage: Usage | None = None
+        self.status = 0
+        self.first_token_ns: int | None = None
+        self.watchdog: _Watchdog | None = None
+
+    def release(self, result: str, usage: Usage | None = None) -> None:
+        """Returns the pool slot, exactly once, with what the attempt cost."""
+        if self.released:
+            return
+        self.released = True
+        duration = (time.monotonic_ns() - self.call.outcome.started_ns) / 1e9
+        output = usage.output if usage is not None else 0
+        total = usage.input + usage.output if usage is not None else 0
+        self.pool.release(self.idx, result, output, total, duration)
+
+    def close(self) -> None:
+        """Drops the upstream connection (so the provider stops generating) and frees the slot."""
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+        if self.upstream is not None:
+            self.upstream.close()
+        self.release(CANCELLED)
+
+    def fill(self, outcome: Outcome) -> None:
+        outcome.deployment = self.deployment.name
+        outcome.model = self.model
+        outcome.price = dict(self.deployment.price) if self.deployment.price is not None else None
+        outcome.status = self.status
+        if self.first_token_ns is not None:
+            outcome.first_token_ns = self.first_token_ns
 
 
 class Relay:
@@ -152,7 +212,10 @@ class Relay:
         outcome.fail(last.status, last.error_class, last.message)
         if last.response is not None:
             return last.response
-        return error_response(last.status, last.message, call.api)
+        headers = None
+        if last.retry_after_s is not None:
+            headers = {"retry-after": str(max(1, round(last.retry_after_s)))}
+        return error_response(last.status, last.message, call.api, headers=headers)
 
     async def _serve_route(self, call: Call, route: Route) -> web.StreamResponse:
         """Tries the route's deployments until one answers; raises _Retry when none did."""
@@ -164,68 +227,120 @@ class Relay:
         deadline = loop.time() + route.retry_budget_s
         last: _Retry | None = None
         while len(tried) < route.max_attempts and loop.time() < deadline:
-            pick = pool.pick(tried)
+            pick = await pool.acquire(tried)
             if not pick.ok:
+                if pick.busy:
+                    last = _Retry(
+                        429,
+                        metering.RATE_LIMITED,
+                        f"every deployment of route {route.name!r} is at its concurrency or rate limit; "
+                        f"waited {route.queue_timeout_s:g} s in the queue",
+                        retry_after_s=pick.retry_after_s or 1.0,
+                    )
                 break
             tried.append(pick.index)
+            attempt = Attempt(call, route, pool, pick.index)
             outcome.attempts += 1
             try:
-                return await self._attempt(call, route, pool, pick.index)
+                winner = await self._open_hedged(attempt, tried)
             except _Retry as failure:
                 last = failure
-                log.info(
-                    "attempt %d on %s failed: %s",
-                    outcome.attempts,
-                    route.deployments[pick.index].name,
-                    failure.message,
-                )
+                log.info("attempt %d on %s failed: %s", outcome.attempts, attempt.deployment.name, failure.message)
+                continue
+            winner.fill(outcome)
+            return await self._deliver(winner)
         if last is None:
             last = _Retry(503, metering.UPSTREAM_ERROR, f"no deployment of route {route.name!r} is available")
         raise last
 
-    def _upstream_body(self, call: Call, route: Route, deployment: Deployment) -> tuple[bytes, bool]:
+    # --- open: everything that may still fail over ----------------------------------------------------------
+
+    def _hedge_delay(self, route: Route, pool: RoutePool) -> float | None:
+        if route.hedge_after_ms is not None:
+            return route.hedge_after_ms / 1000
+        if route.hedge_after_p95:
+            return pool.ttft_quantile(0.95)
+        return None
+
+    async def _open_hedged(self, first: Attempt, tried: list[int]) -> Attempt:
+        """Opens the attempt; if the route hedges and no first token came in time, races a second deployment."""
+        delay = self._hedge_delay(first.route, first.pool)
+        if delay is None or len(first.route.deployments) < 2:
+            await self._open(first)
+            return first
+        tasks: dict[asyncio.Task[None], Attempt] = {asyncio.ensure_future(self._open(first)): first}
+        try:
+            done, _ = await asyncio.wait(tasks, timeout=delay)
+            if not done:
+                pick = first.pool.pick(tried)
+                if pick.ok:
+                    tried.append(pick.index)
+                    second = Attempt(first.call, first.route, first.pool, pick.index)
+                    first.call.outcome.attempts += 1
+                    tasks[asyncio.ensure_future(self._open(second))] = second
+            failure: BaseException | None = None
+            pending = set(tasks)
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    if task.exception() is None:
+                        winner = tasks[task]
+                        for other, loser in tasks.items():
+                            if loser is not winner:
+                                await self._cancel_hedge(other, loser)
+                        return winner
+                    failure = task.exception()
+            assert failure is not None
+            raise failure
+        finally:
+            for task, attempt in tasks.items():
+                if not task.done():
+                    task.cancel()
+                    attempt.close()
+
+    async def _cancel_hedge(self, task: asyncio.Task[None], loser: Attempt) -> None:
+        """Stops the slower of two hedged attempts and meters what it cost, as a cancelled hedge."""
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, _Retry):
+            await task
+        loser.close()
+        if task.exception() if not task.cancelled() else None:
+            return  # it had failed on its own: nothing was spent beyond what failed attempts cost
+        call = loser.call
+        record = dataclasses.replace(call.outcome, request_id=uuid.uuid4().hex, attempts=1, extra={})
+        loser.fill(record)
+        record.fail(499, metering.CANCELLED_HEDGE, "a hedged attempt on another deployment answered first")
+        if loser.meter is not None:
+            with contextlib.suppress(ValueError):
+                record.usage = loser.meter.finish(call.raw)
+        record.ended_ns = time.monotonic_ns()
+        self.meter.record(record)
+
+    def _upstream_body(self, attempt: Attempt) -> tuple[bytes, bool]:
         """The body the upstream gets (its own model name; usage asked for) and whether to strip that usage."""
+        call = attempt.call
         body = call.body
-        model = deployment.upstream_model(call.outcome.requested_model, route.name)
         strip_usage = False
         changes: dict[str, Any] = {}
-        if body.get("model") != model:
-            changes["model"] = model
-        if call.stream and call.api in ("chat", "completions") and deployment.kind == "openai":
+        if body.get("model") != attempt.model:
+            changes["model"] = attempt.model
+        if call.stream and call.api in ("chat", "completions") and attempt.deployment.kind == "openai":
             options = body.get("stream_options")
             if not (isinstance(options, dict) and options.get("include_usage")):
-                changes["stream_options"] = {
-                    **(options if isinstance(options, dict) else {}),
-                    "include_usage": True,
-                }
+                changes["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
                 strip_usage = True
         if not changes:
             return call.raw, strip_usage
         return orjson.dumps({**body, **changes}), strip_usage
 
-    async def _attempt(self, call: Call, route: Route, pool: RoutePool, idx: int) -> web.StreamResponse:
-        deployment = route.deployments[idx]
-        outcome = call.outcome
-        outcome.deployment = deployment.name
-        outcome.model = deployment.upstream_model(outcome.requested_model, route.name)
-        outcome.price = dict(deployment.price) if deployment.price is not None else None
-        body, strip_usage = self._upstream_body(call, route, deployment)
-        loop = asyncio.get_running_loop()
-        watchdog = _Watchdog(route, loop.time())
-        released = False
-
-        def release(result: str, usage: Usage | None = None) -> None:
-            nonlocal released
-            if not released:
-                released = True
-                pool.release(
-                    idx,
-                    result,
-                    usage.output if usage is not None else 0,
-                    usage.input + usage.output if usage is not None else 0,
-                    outcome.duration_s,
-                )
-
+    async def _open(self, attempt: Attempt) -> None:
+        """Connects and reads up to the first content token. Raises _Retry on any failure; on return the attempt
+        either holds a complete answer (`final`) or a stream ready to deliver."""
+        call, deployment = attempt.call, attempt.deployment
+        body, strip_usage = self._upstream_body(attempt)
+        watchdog = attempt.watchdog = _Watchdog(attempt.route)
+        watchdog.task = asyncio.current_task()
+        ok = False
         try:
             try:
                 upstream = await self.session.post(
@@ -233,179 +348,168 @@ class Relay:
                     data=body,
                     headers=upstream_headers(deployment, call.request.headers, call.stream),
                     timeout=aiohttp.ClientTimeout(
-                        total=None, connect=route.timeouts.connect, sock_connect=route.timeouts.connect
+                        total=None, connect=attempt.route.timeouts.connect, sock_connect=attempt.route.timeouts.connect
                     ),
                 )
+            except asyncio.CancelledError:
+                if watchdog.fired is None:
+                    raise
+                raise _Retry(504, metering.TIMEOUT, f"{deployment.name}: {watchdog.describe()}") from None
             except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, ConnectionError) as exc:
-                release(FAILURE)
                 raise _Retry(502, metering.UPSTREAM_ERROR, f"upstream {deployment.name} unreachable: {exc}") from exc
             except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-                release(FAILURE)
                 raise _Retry(504, metering.TIMEOUT, f"upstream {deployment.name} timed out connecting") from exc
             except aiohttp.ClientError as exc:
-                release(FAILURE)
                 raise _Retry(502, metering.UPSTREAM_ERROR, f"upstream {deployment.name} failed: {exc}") from exc
-            watchdog.response = upstream
-            if watchdog.fired:
-                upstream.close()
-                release(FAILURE)
-                raise _Retry(504, metering.TIMEOUT, watchdog.describe())
-            outcome.status = upstream.status
+            watchdog.task = None
+            watchdog.response = attempt.upstream = upstream
+            attempt.status = upstream.status
             if upstream.status >= 400:
-                return await self._upstream_error(call, pool, idx, upstream, watchdog, release)
-            content_type = upstream.headers.get("content-type", "")
-            if call.stream and content_type.startswith("text/event-stream"):
-                return await self._relay_stream(call, route, pool, idx, upstream, watchdog, strip_usage, release)
-            return await self._relay_body(call, upstream, watchdog, release)
-        except asyncio.CancelledError:
-            release(CANCELLED)
+                await self._upstream_error(attempt, upstream)
+            elif call.stream and upstream.headers.get("content-type", "").startswith("text/event-stream"):
+                await self._open_stream(attempt, upstream, strip_usage)
+            else:
+                await self._read_body(attempt, upstream)
+            ok = True
+        except _Retry:
+            attempt.close()
             raise
         finally:
-            watchdog.cancel()
-            if not released:
-                release(CANCELLED)
+            if not ok:
+                attempt.close()
 
-    async def _upstream_error(
-        self,
-        call: Call,
-        pool: RoutePool,
-        idx: int,
-        upstream: aiohttp.ClientResponse,
-        watchdog: _Watchdog,
-        release: Any,
-    ) -> web.StreamResponse:
-        """An error status from the upstream: retry elsewhere if it is the deployment's fault, else pass it on."""
+    async def _upstream_error(self, attempt: Attempt, upstream: aiohttp.ClientResponse) -> None:
+        """An error status: retry elsewhere if it is the deployment's fault, else keep it to pass on."""
         status = upstream.status
         try:
             data = await upstream.read()
-        except aiohttp.ClientError:
+        except _READ_ERRORS:
             data = b""
         finally:
             upstream.release()
         overloaded = b"overloaded" in data[:2048]
-        headers = response_headers(upstream.headers)
-        passthrough = web.Response(status=status, body=data, headers=headers)
+        passthrough = web.Response(status=status, body=data, headers=response_headers(upstream.headers))
+        error_class = metering.error_class_for_status(status, upstream=True)
         if status in RETRYABLE_STATUSES or overloaded:
             if status == 429 or overloaded or status in (503, 529):
-                from tokenrelay.ratelimit import cooldown_from_headers
-
                 seconds = cooldown_from_headers(upstream.headers)
-                pool.cooldown(idx, seconds if seconds is not None else DEFAULT_COOLDOWN_S)
-                release(RATE_LIMITED)
+                attempt.pool.cooldown(attempt.idx, seconds if seconds is not None else DEFAULT_COOLDOWN_S)
+                attempt.release(RATE_LIMITED)
             else:
-                release(FAILURE)
-            error_class = metering.error_class_for_status(status, upstream=True)
-            raise _Retry(status, error_class, f"upstream returned {status}", passthrough)
-        release(CANCELLED if status < 500 else FAILURE)
-        call.outcome.fail(
-            status,
-            metering.error_class_for_status(status, upstream=True),
-            data[:500].decode("utf-8", "replace"),
-        )
-        return passthrough
+                attempt.release(FAILURE)
+            raise _Retry(status, error_class, f"upstream {attempt.deployment.name} returned {status}", passthrough)
+        # The request's own fault (400, 404, 422...): the deployment is fine; the client gets the upstream's answer.
+        attempt.release(CANCELLED if status < 500 else FAILURE)
+        attempt.call.outcome.fail(status, error_class, data[:500].decode("utf-8", "replace"))
+        attempt.final = passthrough
 
-    async def _finish_usage(self, meter: StreamMeter, call: Call) -> Usage:
-        """The request's usage; counting large texts happens in a thread so the event loop never waits on it."""
-        if meter.estimate_bytes > ESTIMATE_INLINE_BYTES:
-            return await asyncio.get_running_loop().run_in_executor(None, meter.finish, call.raw)
-        return meter.finish(call.raw)
-
-    async def _relay_body(
-        self, call: Call, upstream: aiohttp.ClientResponse, watchdog: _Watchdog, release: Any
-    ) -> web.StreamResponse:
-        """A complete (non-streaming) answer: read, metered from its usage, returned as it came."""
-        outcome = call.outcome
+    async def _read_body(self, attempt: Attempt, upstream: aiohttp.ClientResponse) -> None:
+        """A complete (non-streaming) answer: read it and take its usage."""
+        call = attempt.call
         try:
             data = await upstream.read()
-        except (aiohttp.ClientError, ConnectionError) as exc:
-            release(FAILURE)
-            if watchdog.fired:
+        except _READ_ERRORS as exc:
+            attempt.release(FAILURE)
+            watchdog = attempt.watchdog
+            if watchdog is not None and watchdog.fired:
                 raise _Retry(504, metering.TIMEOUT, watchdog.describe()) from exc
             raise _Retry(502, metering.UPSTREAM_ERROR, f"upstream failed while answering: {exc}") from exc
         finally:
             upstream.release()
-        outcome.first_token_ns = time.monotonic_ns()
-        api = call.api if call.api != "count_tokens" else ""
+        attempt.first_token_ns = time.monotonic_ns()
         usage: Usage | None = None
-        if api:
+        if call.api != "count_tokens":
             try:
                 if len(data) + len(call.raw) > ESTIMATE_INLINE_BYTES:
-                    usage = await asyncio.get_running_loop().run_in_executor(
-                        None, decode_body, api, data, outcome.model, call.raw
-                    )
+                    loop = asyncio.get_running_loop()
+                    usage = await loop.run_in_executor(None, decode_body, call.api, data, attempt.model, call.raw)
                 else:
-                    usage = decode_body(api, data, outcome.model, call.raw)
+                    usage = decode_body(call.api, data, attempt.model, call.raw)
             except ValueError as exc:
-                log.warning("could not read usage from %s answer: %s", outcome.deployment, exc)
-        outcome.usage = usage
-        release(SUCCESS, usage)
+                log.warning("could not read usage from %s's answer: %s", attempt.deployment.name, exc)
+        attempt.usage = usage
+        attempt.release(SUCCESS, usage)
         headers = response_headers(upstream.headers)
-        headers["x-tokenrelay-deployment"] = outcome.deployment
+        headers["x-tokenrelay-deployment"] = attempt.deployment.name
         if usage is not None:
             headers["x-tokenrelay-input-tokens"] = str(usage.input)
             headers["x-tokenrelay-output-tokens"] = str(usage.output)
-        return web.Response(status=upstream.status, body=data, headers=headers)
+        attempt.final = web.Response(status=upstream.status, body=data, headers=headers)
 
-    async def _relay_stream(
-        self,
-        call: Call,
-        route: Route,
-        pool: RoutePool,
-        idx: int,
-        upstream: aiohttp.ClientResponse,
-        watchdog: _Watchdog,
-        strip_usage: bool,
-        release: Any,
-    ) -> web.StreamResponse:
-        outcome = call.outcome
-        meter = StreamMeter(call.api, outcome.model, strip_usage)
+    async def _open_stream(self, attempt: Attempt, upstream: aiohttp.ClientResponse, strip_usage: bool) -> None:
+        """Holds the opening events until the first content token (or the end, an error, or the hold limit)."""
+        call = attempt.call
+        meter = attempt.meter = StreamMeter(call.api, attempt.model, strip_usage)
+        watchdog = attempt.watchdog
+        assert watchdog is not None
         loop = asyncio.get_running_loop()
         reader = upstream.content
-        # Phase 1: hold the opening events back until the first content token (or the end, or an error), so
-        # a pre-content failure can still go to another deployment. Costs nothing when content comes at once.
-        held: list[bytes] = []
-        hold_until = loop.time() + min(MAX_HOLD_S, route.keepalive_interval_s or MAX_HOLD_S)
+        hold = min(MAX_HOLD_S, attempt.route.keepalive_interval_s or MAX_HOLD_S)
+        hold_until = loop.time() + hold
         try:
-            while not meter.content_started and not meter.done and meter.error is None:
-                if held and loop.time() >= hold_until:
+            while not (meter.content_started or meter.done or meter.error is not None):
+                remaining = hold_until - loop.time()
+                if remaining <= 0:
                     break
-                chunk = await reader.readany()
+                try:
+                    chunk = await asyncio.wait_for(reader.readany(), remaining)
+                except TimeoutError:
+                    break
                 if not chunk:
                     break
                 watchdog.last = loop.time()
                 out = meter.feed(chunk)
-                held.append(chunk if out is None else out)
-        except (aiohttp.ClientError, ConnectionError) as exc:
-            upstream.close()
-            release(FAILURE)
+                attempt.held.append(chunk if out is None else out)
+        except _READ_ERRORS as exc:
+            attempt.release(FAILURE)
             if watchdog.fired:
-                raise _Retry(504, metering.TIMEOUT, watchdog.describe()) from exc
+                raise _Retry(504, metering.TIMEOUT, f"{attempt.deployment.name}: {watchdog.describe()}") from exc
             raise _Retry(502, metering.UPSTREAM_ERROR, f"upstream stream failed before any content: {exc}") from exc
         if meter.error is not None and not meter.content_started:
-            upstream.close()
-            release(FAILURE)
-            err = meter.error
-            raise _Retry(502, metering.UPSTREAM_ERROR, f"upstream error before any content: {err.get('message')}")
-        if not held and not meter.done:
-            upstream.close()
-            release(FAILURE)
-            raise _Retry(502, metering.UPSTREAM_ERROR, "upstream closed the stream before sending anything")
-        watchdog.first = False
+            attempt.release(FAILURE)
+            message = meter.error.get("message", "")
+            raise _Retry(502, metering.UPSTREAM_ERROR, f"upstream error before any content: {message}")
+        if reader.at_eof() and not meter.done and not meter.content_started:
+            attempt.release(FAILURE)
+            raise _Retry(502, metering.UPSTREAM_ERROR, "the upstream closed the stream before sending any content")
         if meter.content_started:
-            ttft_ns = meter.first_token_ns
-            outcome.first_token_ns = ttft_ns if ttft_ns is not None else time.monotonic_ns()
-            pool.first_token(idx, outcome.ttft_s or 0.0)
-        # Phase 2: committed. From here on nothing is retried; bytes go out as they come in.
+            self._first_token(attempt)
+
+    @staticmethod
+    def _first_token(attempt: Attempt) -> None:
+        assert attempt.meter is not None
+        ns = attempt.meter.first_token_ns
+        attempt.first_token_ns = ns if ns is not None else time.monotonic_ns()
+        attempt.call.outcome.first_token_ns = attempt.first_token_ns
+        if attempt.watchdog is not None:
+            attempt.watchdog.first = False
+        ttft = (attempt.first_token_ns - attempt.call.outcome.started_ns) / 1e9
+        attempt.pool.first_token(attempt.idx, max(0.0, ttft))
+
+    # --- deliver: committed, bytes flow -------------------------------------------------------------------------
+
+    async def _deliver(self, attempt: Attempt) -> web.StreamResponse:
+        call = attempt.call
+        outcome = call.outcome
+        if attempt.final is not None:
+            outcome.usage = attempt.usage
+            return attempt.final
+        meter, upstream, watchdog = attempt.meter, attempt.upstream, attempt.watchdog
+        assert meter is not None and upstream is not None and watchdog is not None
         headers = response_headers(upstream.headers)
-        headers["x-tokenrelay-deployment"] = outcome.deployment
+        headers["x-tokenrelay-deployment"] = attempt.deployment.name
         headers["cache-control"] = "no-cache"
         response = web.StreamResponse(status=upstream.status, headers=headers)
-        await response.prepare(call.request)
+        loop = asyncio.get_running_loop()
+        reader = upstream.content
         failure: str | None = None
         try:
-            if held:
-                await response.write(b"".join(held))
+            await response.prepare(call.request)
             write = response.write
+            if attempt.held:
+                await write(b"".join(attempt.held))
+            if not (meter.content_started or meter.done):
+                await self._await_content(attempt, response)
             feed = meter.feed
             async for chunk in reader.iter_any():
                 watchdog.last = loop.time()
@@ -421,46 +525,74 @@ class Relay:
                 failure = watchdog.describe()
             elif not meter.done:
                 failure = "the upstream closed the stream before it finished"
-        except (
-            aiohttp.ClientPayloadError,
-            aiohttp.ServerDisconnectedError,
-            aiohttp.ClientResponseError,
-        ) as exc:
-            failure = watchdog.describe() if watchdog.fired else f"the upstream stream broke: {exc}"
-        except (aiohttp.ClientConnectionResetError, ConnectionResetError):
+        except _WRITE_ERRORS:
             # The client went away: drop the upstream at once so it stops generating.
             upstream.close()
             outcome.fail(499, metering.CLIENT_DISCONNECT, "the client closed the connection")
+        except _READ_ERRORS as exc:
+            failure = watchdog.describe() if watchdog.fired else f"the upstream stream broke: {exc}"
         except asyncio.CancelledError:
             upstream.close()
             outcome.fail(499, metering.CLIENT_DISCONNECT, "the client closed the connection")
             outcome.usage = meter.finish(call.raw)
-            release(CANCELLED, outcome.usage)
+            attempt.release(CANCELLED, outcome.usage)
             raise
         finally:
+            watchdog.cancel()
             upstream.release()
         if failure is not None and not outcome.error_class:
-            error_class = metering.TIMEOUT if watchdog.fired else metering.UPSTREAM_ERROR
-            outcome.fail(504 if watchdog.fired else 502, error_class, failure)
-            with contextlib.suppress(ConnectionError, aiohttp.ClientConnectionResetError):
+            outcome.fail(
+                504 if watchdog.fired else 502, metering.TIMEOUT if watchdog.fired else metering.UPSTREAM_ERROR, failure
+            )
+            with contextlib.suppress(*_WRITE_ERRORS):
                 await response.write(error_event(failure, call.api))
         elif meter.error is not None and not outcome.error_class:
             outcome.fail(502, metering.UPSTREAM_ERROR, str(meter.error.get("message", "upstream error")))
         outcome.usage = await self._finish_usage(meter, call)
         if outcome.first_token_ns is None and meter.first_token_ns is not None:
             outcome.first_token_ns = meter.first_token_ns
-        release(
-            SUCCESS
-            if not outcome.error_class
-            else (CANCELLED if outcome.error_class == metering.CLIENT_DISCONNECT else FAILURE),
-            outcome.usage,
-        )
+        if not outcome.error_class:
+            attempt.release(SUCCESS, outcome.usage)
+        else:
+            attempt.release(CANCELLED if outcome.error_class == metering.CLIENT_DISCONNECT else FAILURE, outcome.usage)
         if outcome.error_class != metering.CLIENT_DISCONNECT:
             try:
                 await response.write_eof()
-            except (ConnectionError, aiohttp.ClientConnectionResetError):
+            except _WRITE_ERRORS:
                 outcome.fail(499, metering.CLIENT_DISCONNECT, "the client closed the connection")
         return response
+
+    async def _await_content(self, attempt: Attempt, response: web.StreamResponse) -> None:
+        """Committed but no content yet (a long thinking phase): relay what comes, and keep the client's idle
+        timer alive with SSE comments, sent only on event boundaries."""
+        meter, upstream, watchdog = attempt.meter, attempt.upstream, attempt.watchdog
+        assert meter is not None and upstream is not None and watchdog is not None
+        interval = attempt.route.keepalive_interval_s
+        loop = asyncio.get_running_loop()
+        at_boundary = not attempt.held or attempt.held[-1].endswith((b"\n\n", b"\r\n\r\n", b"\r\r"))
+        while not (meter.content_started or meter.done or meter.error is not None):
+            try:
+                chunk = await asyncio.wait_for(upstream.content.readany(), interval)
+            except TimeoutError:
+                if at_boundary:
+                    await response.write(KEEPALIVE_COMMENT)
+                continue
+            if not chunk:
+                return
+            watchdog.last = loop.time()
+            out = meter.feed(chunk)
+            data = chunk if out is None else out
+            if data:
+                await response.write(data)
+                at_boundary = data.endswith((b"\n\n", b"\r\n\r\n", b"\r\r"))
+        if meter.content_started:
+            self._first_token(attempt)
+
+    async def _finish_usage(self, meter: StreamMeter, call: Call) -> Usage:
+        """The request's usage; counting large texts happens in a thread so the event loop never waits on it."""
+        if meter.estimate_bytes > ESTIMATE_INLINE_BYTES:
+            return await asyncio.get_running_loop().run_in_executor(None, meter.finish, call.raw)
+        return meter.finish(call.raw)
 
 
 def client_identity(headers: Mapping[str, str]) -> str:

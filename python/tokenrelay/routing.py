@@ -1,10 +1,19 @@
-"""Where a request goes: each route's pool of deployments (balancing state lives in Rust)."""
+"""Where a request goes: each route's pool of deployments, a bounded wait when all are at their limits, and
+optional active health checks. The balancing state itself lives in Rust (`_core.Pool`); this module adds
+the parts that need the event loop."""
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import logging
 from dataclasses import dataclass
 
+import aiohttp
+
 from tokenrelay.config import Route
+
+log = logging.getLogger("tokenrelay.routing")
 
 # Outcomes reported back to the pool when an attempt ends.
 SUCCESS = "success"
@@ -33,6 +42,9 @@ class RoutePool:
         self.route = route
         self._next = 0
         self._outstanding = [0] * len(route.deployments)
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self.waiting = 0
+        self._ttfts: collections.deque[float] = collections.deque(maxlen=200)
 
     def pick(self, exclude: list[int]) -> Pick:
         n = len(self.route.deployments)
@@ -44,16 +56,92 @@ class RoutePool:
                 return Pick(idx)
         return Pick(-1)
 
+    async def acquire(self, exclude: list[int]) -> Pick:
+        """Picks a deployment, waiting in a bounded FIFO queue (up to the route's queue timeout) while every
+        eligible deployment is at its concurrency or rate limit."""
+        pick = self.pick(exclude)
+        if pick.ok or not pick.busy or self.waiting >= self.route.queue_size:
+            return pick
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.route.queue_timeout_s
+        self.waiting += 1
+        try:
+            while True:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return pick
+                waiter: asyncio.Future[None] = loop.create_future()
+                self._waiters.append(waiter)
+                # A limit that frees itself with time (rpm, tpm, a cooldown) wakes nobody: poll at its horizon.
+                wait_s = min(remaining, pick.retry_after_s) if pick.retry_after_s > 0 else remaining
+                try:
+                    await asyncio.wait_for(waiter, wait_s)
+                except TimeoutError:
+                    pass
+                finally:
+                    if not waiter.done():
+                        waiter.cancel()
+                pick = self.pick(exclude)
+                if pick.ok or not pick.busy:
+                    return pick
+        finally:
+            self.waiting -= 1
+
+    def _wake_one(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
     def first_token(self, idx: int, ttft_s: float) -> None:
-        pass
+        self._ttfts.append(ttft_s)
 
     def release(
         self, idx: int, outcome: str, output_tokens: int = 0, total_tokens: int = 0, duration_s: float = 0.0
     ) -> None:
         self._outstanding[idx] -= 1
+        if self._waiters:
+            self._wake_one()
 
     def cooldown(self, idx: int, seconds: float) -> None:
         pass
 
+    def set_health(self, idx: int, up: bool) -> None:
+        pass
+
+    def ttft_quantile(self, q: float) -> float | None:
+        """A quantile of this route's recent times to first token (for hedging after the route's p95)."""
+        if len(self._ttfts) < 20:
+            return None
+        ordered = sorted(self._ttfts)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
     def snapshot(self) -> list[dict[str, object]]:
         return [{"name": d.name, "outstanding": self._outstanding[i]} for i, d in enumerate(self.route.deployments)]
+
+
+async def health_check_loop(pool: RoutePool, session: aiohttp.ClientSession) -> None:
+    """Active health checks: GET each deployment's `health_check_path` on its interval; mark it up or down."""
+    checked = [(i, d) for i, d in enumerate(pool.route.deployments) if d.health_check_path]
+    if not checked:
+        return
+
+    async def check(idx: int) -> None:
+        deployment = pool.route.deployments[idx]
+        url = deployment.base_url + (deployment.health_check_path or "")
+        headers = {"authorization": f"Bearer {deployment.api_key}"} if deployment.api_key else {}
+        up = False
+        while True:
+            try:
+                async with session.get(url, headers=headers, timeout=aiohttp.ClientTimeout(total=5)) as resp:
+                    now_up = resp.status < 500
+            except (aiohttp.ClientError, TimeoutError):
+                now_up = False
+            if now_up != up:
+                log.info("deployment %s is %s (health check)", deployment.name, "up" if now_up else "down")
+            up = now_up
+            pool.set_health(idx, up)
+            await asyncio.sleep(deployment.health_check_interval_s)
+
+    await asyncio.gather(*(check(i) for i, _ in checked))
