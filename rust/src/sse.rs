@@ -322,15 +322,9 @@ impl SseParser {
 
     fn other_field(&mut self, name: &[u8], value: &[u8]) {
         match name {
-            b"id" => {
-                if !value.contains(&0) {
-                    self.last_id = Some(value.to_vec());
-                }
-            }
-            b"retry" => {
-                if !value.is_empty() && value.iter().all(u8::is_ascii_digit) {
-                    self.retry = std::str::from_utf8(value).ok().and_then(|s| s.parse().ok());
-                }
+            b"id" if !value.contains(&0) => self.last_id = Some(value.to_vec()),
+            b"retry" if !value.is_empty() && value.iter().all(u8::is_ascii_digit) => {
+                self.retry = std::str::from_utf8(value).ok().and_then(|s| s.parse().ok());
             }
             _ => {}
         }
