@@ -121,7 +121,11 @@ impl PyStreamMeter {
     }
 
     /// `None`: forward `chunk` unchanged; else the bytes to forward instead.
-    fn feed<'py>(&mut self, py: Python<'py>, chunk: &[u8]) -> PyResult<Option<Bound<'py, PyBytes>>> {
+    fn feed<'py>(
+        &mut self,
+        py: Python<'py>,
+        chunk: &[u8],
+    ) -> PyResult<Option<Bound<'py, PyBytes>>> {
         let started = self.core.content_started();
         let out = self.core.feed(chunk);
         if !started && self.core.content_started() {
@@ -205,7 +209,9 @@ fn decode_body(
     request_body: Option<&[u8]>,
 ) -> PyResult<PyUsage> {
     let api = parse_api(api, true)?;
-    Ok(PyUsage(py.detach(|| events::decode_body(api, body, model, request_body))))
+    Ok(PyUsage(py.detach(|| {
+        events::decode_body(api, body, model, request_body)
+    })))
 }
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
