@@ -109,6 +109,17 @@ pub struct PyStreamMeter {
     first_token_ns: Option<u64>,
 }
 
+impl PyStreamMeter {
+    /// Records `time.monotonic_ns()` (the caller's own clock, read once per request) when content starts.
+    fn stamp_first_token(&mut self, py: Python<'_>) -> PyResult<()> {
+        if self.first_token_ns.is_none() && self.core.content_started() {
+            let now = py.import("time")?.getattr("monotonic_ns")?.call0()?;
+            self.first_token_ns = Some(now.extract()?);
+        }
+        Ok(())
+    }
+}
+
 #[pymethods]
 impl PyStreamMeter {
     #[new]
@@ -126,19 +137,16 @@ impl PyStreamMeter {
         py: Python<'py>,
         chunk: &[u8],
     ) -> PyResult<Option<Bound<'py, PyBytes>>> {
-        let started = self.core.content_started();
         let out = self.core.feed(chunk);
-        if !started && self.core.content_started() {
-            // time.monotonic_ns(): the caller's own clock, read once per request.
-            let now = py.import("time")?.getattr("monotonic_ns")?.call0()?;
-            self.first_token_ns = Some(now.extract()?);
-        }
+        self.stamp_first_token(py)?;
         Ok(out.map(|b| PyBytes::new(py, &b)))
     }
 
     /// Held-back bytes to forward at the end of the stream (`b""` normally).
-    fn flush<'py>(&mut self, py: Python<'py>) -> Bound<'py, PyBytes> {
-        PyBytes::new(py, &self.core.flush())
+    fn flush<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+        let out = self.core.flush();
+        self.stamp_first_token(py)?;
+        Ok(PyBytes::new(py, &out))
     }
 
     /// Usage for the whole request; estimates missing figures with the GIL released.
