@@ -25,6 +25,7 @@
 //! Special tokens (`<|endoftext|>`, ...) are never recognised: text that looks like one is counted as plain
 //! text, like `tiktoken`'s `encode_ordinary`.
 
+mod ascii;
 mod request;
 
 use std::sync::LazyLock;
@@ -81,18 +82,35 @@ impl Vocabulary {
         }
     }
 
-    fn count(&self, text: &str) -> usize {
-        self.tokenizer
-            .split(text)
-            .map(|piece| {
-                let bytes = piece.as_bytes();
-                if self.whole_tokens.contains(bytes) {
-                    1
-                } else {
-                    self.tokenizer.bpe.count(bytes)
-                }
-            })
-            .sum()
+    fn count(&self, encoding: Encoding, text: &str) -> usize {
+        let bytes = text.as_bytes();
+        let mut total = 0;
+        let mut pos = 0;
+        while pos < bytes.len() {
+            let end = match ascii::next_piece(encoding, bytes, pos) {
+                Some(end) => end,
+                // Non-ASCII in view: the regex decides this piece. Its match at `pos` doesn't depend on the
+                // text before (the patterns have no look-behind), so it runs on the rest of the text.
+                None => match text
+                    .get(pos..)
+                    .and_then(|rest| self.tokenizer.split(rest).next())
+                {
+                    Some(piece) if !piece.is_empty() => pos + piece.len(),
+                    _ => bytes.len(),
+                },
+            };
+            total += self.count_piece(&bytes[pos..end]);
+            pos = end;
+        }
+        total
+    }
+
+    fn count_piece(&self, piece: &[u8]) -> usize {
+        if self.whole_tokens.contains(piece) {
+            1
+        } else {
+            self.tokenizer.bpe.count(piece)
+        }
     }
 }
 
@@ -113,7 +131,7 @@ pub fn preload(encoding: Encoding) {
 
 /// Number of tokens in `text`, exactly as tiktoken's `encode_ordinary` would produce.
 pub fn count(encoding: Encoding, text: &str) -> usize {
-    vocabulary(encoding).count(text)
+    vocabulary(encoding).count(encoding, text)
 }
 
 /// Case-insensitive ASCII prefix test.

@@ -15,7 +15,9 @@ const DETACH_ABOVE: usize = 4096;
 
 fn encoding(name: &str) -> PyResult<Encoding> {
     Encoding::from_name(name).ok_or_else(|| {
-        PyValueError::new_err(format!("unknown encoding {name:?} (expected 'o200k_base' or 'cl100k_base')"))
+        PyValueError::new_err(format!(
+            "unknown encoding {name:?} (expected 'o200k_base' or 'cl100k_base')"
+        ))
     })
 }
 
