@@ -2,25 +2,33 @@
 //!
 //! # Which crate, and why
 //! Measured on one corpus (590 KB: Rust source, Markdown, and prose in CJK/Arabic/Devanagari/Cyrillic with
-//! emoji, whitespace and digit runs), one core of the 2-core dev machine, release build:
+//! emoji, whitespace and digit runs), one core of the 2-core dev machine, release build, counts all equal:
 //!
-//! | option                          | o200k MB/s | cl100k MB/s | 26-token string | init (both) | adds to the .so |
-//! |---------------------------------|-----------:|------------:|----------------:|------------:|----------------:|
-//! | `tiktoken` (Python pkg, 0.14)   |         29 |          20 |   2.6 / 4.3 µs  |           – |               – |
-//! | `tiktoken-rs` 0.12              |         32 |          20 |   2.0 / 4.0 µs  |      126 ms |         ~5.3 MB |
-//! | `bpe-openai` 0.3 (`count`)      |         55 |          55 |   1.5 / 1.5 µs  |      103 ms |          ~47 MB |
-//! | **`bpe-openai` split + our fast path** |  see `benches/bench_tokens.py` | | | | |
+//! | option                        | o200k MB/s | cl100k MB/s | 26-token string | init (both) | adds to the .so |
+//! |-------------------------------|-----------:|------------:|----------------:|------------:|----------------:|
+//! | `tiktoken` (Python pkg, 0.14) |         29 |          20 |   2.6 / 4.3 µs  |           – |               – |
+//! | `tiktoken-rs` 0.12            |         32 |          20 |   2.0 / 4.0 µs  |      126 ms |          ~5 MB  |
+//! | `bpe-openai` 0.3 (`count`)    |         55 |          55 |   1.5 / 1.5 µs  |      103 ms |          ~47 MB |
+//! | this module (on `bpe-openai`) |         98 |          85 |   ≈0.8 µs       |       95 ms |          ~47 MB |
 //!
 //! `tiktoken-rs` is the tiktoken core vendored (fancy-regex pre-tokenizer, quadratic merge on long pieces),
-//! so it can't be much faster than the Python package. `bpe-openai` (GitHub's rust-gems) pre-tokenizes with a
-//! `regex-automata` DFA (≈160 MB/s, the look-ahead `\s+(?!\S)` emulated by a second pattern) and counts with
-//! a linear backtracking BPE (100 000 × `a` in 0.65 ms, where tiktoken's merge is quadratic). Its one cost is
-//! size: it ships the vocabularies pre-built as serialized automata (cl100k 15 MB + o200k 32 MB, ~25 MB
-//! gzipped in the wheel) and its build script spends ~15 s building them. We pick it, and add what tiktoken
-//! itself does first: a piece that is a whole token (most pieces are) is one hash lookup, so the
-//! backtracking encoder (two small allocations per piece) runs only on pieces that need merging.
-//! Exactness against the Python `tiktoken` package is tested in `tests/test_tokens.py`, and the vocabulary
-//! we export to it (see [`tiktoken_vocabulary`]) passes tiktoken's own SHA-256 check of the original files.
+//! so it can't be much faster than the Python package, whose core it is. `bpe-openai` (GitHub's rust-gems)
+//! pre-tokenizes with a `regex-automata` DFA (≈160 MB/s; tiktoken's look-ahead `\s+(?!\S)` emulated by a
+//! second pattern) and counts with a linear backtracking BPE (100 000 × `a` in 0.65 ms; tiktoken's merge is
+//! quadratic there). Its costs are size and memory: it ships both vocabularies pre-built as serialized
+//! automata (cl100k 15 MB + o200k 32 MB in the .so, ~25 MB of a gzipped wheel; ≈100 MB RSS once both are
+//! loaded) and its build script spends ~15 s building them. We pick it for speed and linear worst case, and
+//! put two things in front, each worth roughly 1.5×: a hand-written ASCII pre-tokenizer (`ascii.rs`, which
+//! hands any piece with non-ASCII in view back to the regex) and tiktoken's own first step, one hash lookup
+//! for a piece that is a whole token (most are), so the backtracking encoder runs only on pieces that need
+//! merging. `benches/bench_tokens.py` compares with the Python package in one run (3–8× faster).
+//!
+//! Exactness against the Python `tiktoken` package is tested in `tests/test_tokens.py` (corpus + random
+//! Unicode), and the vocabulary we export to it ([`tiktoken_vocabulary`]) passes tiktoken's SHA-256 check
+//! of OpenAI's original files.
+//!
+//! Cost per call, for callers that must not block: ≈7 µs per KB of ASCII-heavy text, ≈13 µs per KB of
+//! non-Latin text (100 KB: 0.7–1.3 ms).
 //!
 //! Special tokens (`<|endoftext|>`, ...) are never recognised: text that looks like one is counted as plain
 //! text, like `tiktoken`'s `encode_ordinary`.
