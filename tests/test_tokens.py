@@ -62,6 +62,14 @@ def test_random_unicode_matches_tiktoken(encoding: str, text: str) -> None:
     assert _core.count_tokens(text, encoding) == reference(encoding, text)
 
 
+@pytest.mark.parametrize("encoding", ENCODINGS)
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(alphabet=st.characters(max_codepoint=127), max_size=200))
+def test_random_ascii_matches_tiktoken(encoding: str, text: str) -> None:
+    # ASCII takes the hand-written pre-tokenizer's path end to end.
+    assert _core.count_tokens(text, encoding) == reference(encoding, text)
+
+
 # Characters that sit on the pre-tokenizer's class boundaries: letters of each case, marks, digits,
 # whitespace kinds, apostrophes and punctuation.
 _TRICKY = st.sampled_from(
