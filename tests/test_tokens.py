@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenrelay import _core
-from tokens_corpus import ENCODINGS, corpus, install_tiktoken_vocabularies
+from tests.tokens_corpus import ENCODINGS, corpus, install_tiktoken_vocabularies
 
 tiktoken = pytest.importorskip("tiktoken")
 
