@@ -12,7 +12,7 @@ from email.utils import parsedate_to_datetime
 __all__ = ["MAX_COOLDOWN_S", "cooldown_from_headers", "parse_duration"]
 
 MAX_COOLDOWN_S = 300.0
-"""No header cools a deployment down for longer than this (a wrong clock or a daily quota must not park it)."""
+"""No header cools a deployment down for longer than this: a skewed clock or daily quota must not park it."""
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 _UNIT_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -29,7 +29,7 @@ _RESETS = (
 
 
 def parse_duration(value: str) -> float | None:
-    """Seconds in an OpenAI/Go-style duration ("1s", "6m0s", "20ms", "1h2m3.5s") or a bare number of seconds."""
+    """Seconds in an OpenAI/Go-style duration ("1s", "6m0s", "20ms", "1h2m3.5s") or a bare number."""
     text = value.strip()
     seconds = _number(text)
     if seconds is not None:
