@@ -46,8 +46,8 @@ class Pool:
     def set_health(self, idx: int, up: bool) -> None: ...
     def snapshot(self) -> list[dict[str, object]]:
         """Per deployment, in index order: name, state ("healthy" | "cooling_down" | "open" | "half_open" |
-        "down"), until_s (seconds until pickable again), outstanding, ewma_ttft_s, ewma_tokens_per_s (None until
-        sampled), error_rate (failures + 429s over the breaker window), requests, failures, rate_limited,
+        "down"), until_s (seconds until pickable again), outstanding, ewma_ttft_s, ewma_tokens_per_s (None
+        until sampled), error_rate (failures + 429s in the breaker window), requests, failures, rate_limited,
         rpm_used, tpm_used (last 60 s), and the configured weight, tier, max_concurrent, rpm, tpm."""
     def __len__(self) -> int: ...
 

@@ -6,7 +6,9 @@ use pyo3::exceptions::{PyIndexError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyList, PyString};
 
-use crate::balance::{BalanceError, BreakerConfig, DeploymentSpec, IndexSet, Outcome, Pick, Pool, Strategy};
+use crate::balance::{
+    BalanceError, BreakerConfig, DeploymentSpec, IndexSet, Outcome, Pick, Pool, Strategy,
+};
 
 /// What `pick()` returns when every eligible deployment is at a limit.
 const BUSY: isize = -1;
@@ -35,7 +37,9 @@ impl PyPool {
 
 fn exclude_set(exclude: Option<&Bound<'_, PyAny>>) -> PyResult<IndexSet> {
     let mut set = IndexSet::new();
-    let Some(exclude) = exclude else { return Ok(set) };
+    let Some(exclude) = exclude else {
+        return Ok(set);
+    };
     if let Ok(list) = exclude.cast::<PyList>() {
         for item in list.iter() {
             set.insert(item.extract::<usize>()?);
@@ -48,11 +52,18 @@ fn exclude_set(exclude: Option<&Bound<'_, PyAny>>) -> PyResult<IndexSet> {
     Ok(set)
 }
 
-fn field_int<T: for<'a, 'py> FromPyObject<'a, 'py>>(value: &Bound<'_, PyAny>, field: &str) -> PyResult<T> {
+fn field_int<T: for<'a, 'py> FromPyObject<'a, 'py>>(
+    value: &Bound<'_, PyAny>,
+    field: &str,
+) -> PyResult<T> {
     if value.is_instance_of::<PyBool>() {
-        return Err(PyValueError::new_err(format!("{field}: expected an int, got a bool")));
+        return Err(PyValueError::new_err(format!(
+            "{field}: expected an int, got a bool"
+        )));
     }
-    value.extract::<T>().map_err(|_| PyValueError::new_err(format!("{field}: expected a non-negative int")))
+    value
+        .extract::<T>()
+        .map_err(|_| PyValueError::new_err(format!("{field}: expected a non-negative int")))
 }
 
 fn optional_int<T: for<'a, 'py> FromPyObject<'a, 'py>>(
@@ -96,7 +107,9 @@ fn parse_spec(i: usize, item: &Bound<'_, PyAny>) -> PyResult<DeploymentSpec> {
         }
     }
     if !named {
-        return Err(PyValueError::new_err(format!("deployments[{i}].name: missing")));
+        return Err(PyValueError::new_err(format!(
+            "deployments[{i}].name: missing"
+        )));
     }
     Ok(spec)
 }
@@ -128,9 +141,16 @@ impl PyPool {
     ) -> PyResult<Self> {
         let strategy = Strategy::from_name(strategy).ok_or_else(|| {
             let names: Vec<&str> = Strategy::ALL.iter().map(|s| s.name()).collect();
-            PyValueError::new_err(format!("strategy: unknown {strategy:?}, expected one of {}", names.join(", ")))
+            PyValueError::new_err(format!(
+                "strategy: unknown {strategy:?}, expected one of {}",
+                names.join(", ")
+            ))
         })?;
-        let specs = deployments.iter().enumerate().map(|(i, item)| parse_spec(i, &item)).collect::<PyResult<_>>()?;
+        let specs = deployments
+            .iter()
+            .enumerate()
+            .map(|(i, item)| parse_spec(i, &item))
+            .collect::<PyResult<_>>()?;
         let breaker = BreakerConfig {
             failures: breaker_failures,
             error_rate: breaker_error_rate,
@@ -140,7 +160,10 @@ impl PyPool {
             max_cooldown_s,
         };
         let core = Pool::new(specs, strategy, breaker).map_err(to_py_err)?;
-        Ok(PyPool { core, epoch: Instant::now() })
+        Ok(PyPool {
+            core,
+            epoch: Instant::now(),
+        })
     }
 
     /// The strategy's name.
@@ -190,12 +213,23 @@ impl PyPool {
                 "outcome: unknown {outcome:?}, expected success, failure, rate_limited, cancelled or client_gone"
             ))
         })?;
-        self.core.release(idx, outcome, output_tokens, total_tokens, duration_s, self.now()).map_err(to_py_err)
+        self.core
+            .release(
+                idx,
+                outcome,
+                output_tokens,
+                total_tokens,
+                duration_s,
+                self.now(),
+            )
+            .map_err(to_py_err)
     }
 
     /// Keeps `idx` out of picks for `seconds` (a later end wins over an earlier one).
     fn cooldown(&self, idx: usize, seconds: f64) -> PyResult<()> {
-        self.core.cooldown(idx, seconds, self.now()).map_err(to_py_err)
+        self.core
+            .cooldown(idx, seconds, self.now())
+            .map_err(to_py_err)
     }
 
     /// An active health check's verdict on `idx`.
@@ -235,7 +269,11 @@ impl PyPool {
     }
 
     fn __repr__(&self) -> String {
-        format!("<Pool {} deployments, strategy {:?}>", self.core.len(), self.core.strategy().name())
+        format!(
+            "<Pool {} deployments, strategy {:?}>",
+            self.core.len(),
+            self.core.strategy().name()
+        )
     }
 }
 
