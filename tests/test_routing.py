@@ -61,7 +61,9 @@ def test_dead_deployment_is_skipped_and_comes_back_after_cooldown(
 ) -> None:
     good, bad = mock_factory(delay_ms=0, tokens=2), mock_factory(delay_ms=0, tokens=2)
     bad.control(fail_status=500)
-    d = daemon_factory(route_config("r", good, bad, extra='strategy = "round_robin"\nbreaker = {failures = 3, cooldown_s = 1.5}'))
+    d = daemon_factory(
+        route_config("r", good, bad, extra='strategy = "round_robin"\nbreaker = {failures = 3, cooldown_s = 1.5}')
+    )
     # Every client request succeeds: failures before the first byte go to the healthy deployment.
     counts = served_by(d, "r", 30)
     assert counts == {"d0": 30}
@@ -80,12 +82,15 @@ def test_dead_deployment_is_skipped_and_comes_back_after_cooldown(
 def test_connection_refused_deployment_never_fails_a_request(
     mock_upstream: MockUpstream, daemon_factory: Callable[..., Daemon]
 ) -> None:
-    config = route_config("r", mock_upstream, extra='strategy = "round_robin"') + f"""
+    config = (
+        route_config("r", mock_upstream, extra='strategy = "round_robin"')
+        + f"""
 [[routes.r.deployments]]
 name = "dead"
 base_url = "http://127.0.0.1:{free_port()}/v1"
 model = "m"
 """
+    )
     d = daemon_factory(config)
     assert served_by(d, "r", 20, stream=True) == {"d0": 20}
 
@@ -164,9 +169,10 @@ async def test_keepalive_comments_during_a_slow_first_token(
 ) -> None:
     mock_upstream.control(first_token_ms=1500)
     d = daemon_factory(route_config("r", mock_upstream, extra="keepalive_interval_s = 0.3"))
-    async with aiohttp.ClientSession() as session, session.post(
-        f"{d.base_url}/chat/completions", json={"model": "r", "messages": MESSAGES, "stream": True}
-    ) as r:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{d.base_url}/chat/completions", json={"model": "r", "messages": MESSAGES, "stream": True}) as r,
+    ):
         body = await r.read()
     assert body.count(b": keep-alive\n\n") >= 2
     assert body.rstrip().endswith(b"data: [DONE]")
@@ -204,7 +210,9 @@ async def test_queue_times_out_with_429_and_retry_after(
     mock_upstream: MockUpstream, daemon_factory: Callable[..., Daemon]
 ) -> None:
     mock_upstream.control(delay_ms=100, tokens=20)
-    d = daemon_factory(route_config("r", mock_upstream, extra="queue_timeout_s = 0.3", deployment_extra="max_concurrent = 1"))
+    d = daemon_factory(
+        route_config("r", mock_upstream, extra="queue_timeout_s = 0.3", deployment_extra="max_concurrent = 1")
+    )
     c = aclient(d)
 
     async def one() -> str:
@@ -219,3 +227,23 @@ async def test_queue_times_out_with_429_and_retry_after(
     assert "concurrency or rate limit" in str(info.value)
     assert (await first).startswith("the quick")
     await c.close()
+
+
+def test_active_health_check_takes_a_deployment_out(
+    mock_factory: Callable[..., MockUpstream], daemon_factory: Callable[..., Daemon]
+) -> None:
+    a, b = mock_factory(delay_ms=0, tokens=2), mock_factory(delay_ms=0, tokens=2)
+    config = route_config("r", a, extra='strategy = "round_robin"') + route_config("x", b).split("\n", 2)[2].replace(
+        "routes.x.", "routes.r."
+    ).replace('name = "d0"', 'name = "checked"\nhealth_check_path = "/not-here"\nhealth_check_interval_s = 0.2')
+    d = daemon_factory(config)
+    deadline = time.monotonic() + 5
+    while True:
+        routes = {r["route"]: r for r in d.get("/v1/routes")["routes"]}
+        states = {dep["name"]: dep["state"] for dep in routes["r"]["deployments"]}
+        if states["checked"] == "down" or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert states == {"d0": "healthy", "checked": "down"}
+    assert served_by(d, "r", 10) == {"d0": 10}
+    assert b.stats()["requests"] == 0

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenrelay import _core
+
 from tests.tokens_corpus import ENCODINGS, corpus, install_tiktoken_vocabularies
 
 tiktoken = pytest.importorskip("tiktoken")
@@ -222,9 +223,7 @@ def test_estimate_uses_the_model_encoding() -> None:
 
 
 def test_completions_and_embeddings_estimates() -> None:
-    assert _core.estimate_input_tokens("completions", body({"prompt": "Once upon a time"})) == o200k(
-        "Once upon a time"
-    )
+    assert _core.estimate_input_tokens("completions", body({"prompt": "Once upon a time"})) == o200k("Once upon a time")
     prompts = ["first prompt", "second, longer prompt"]
     assert _core.estimate_input_tokens("completions", body({"prompt": prompts})) == sum(map(o200k, prompts))
     assert _core.estimate_input_tokens("embeddings", body({"input": [[1, 2, 3], [4, 5]]})) == 5

@@ -124,6 +124,7 @@ def preload_encoding(encoding: str = "o200k_base") -> None:
 
 def tiktoken_vocabulary(encoding: str) -> bytes:
     """The vocabulary in tiktoken's .tiktoken file format (byte-identical to OpenAI's published file)."""
+
 # --- balance ---
 _Outcome = Literal["success", "failure", "rate_limited", "cancelled", "client_gone"]
 
