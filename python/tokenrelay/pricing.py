@@ -172,8 +172,9 @@ def provider_from_url(base_url: str) -> str | None:
 def _match(name: str, table: Mapping[str, Price]) -> tuple[int, Price] | None:
     best: tuple[int, Price] | None = None
     for prefix, price in table.items():
-        at_boundary = len(name) == len(prefix) or name[len(prefix)] in _BOUNDARY
-        if name.startswith(prefix) and at_boundary and (best is None or len(prefix) > best[0]):
+        if not name.startswith(prefix) or (len(name) > len(prefix) and name[len(prefix)] not in _BOUNDARY):
+            continue
+        if best is None or len(prefix) > best[0]:
             best = (len(prefix), price)
     return best
 
