@@ -11,13 +11,26 @@ fn to_py(e: MeterError) -> PyErr {
 }
 
 /// The bucket key fields of a drained row, in order.
-const KEY_FIELDS: [&str; 8] = ["minute", "route", "deployment", "model", "key_id", "key_name", "run", "tags"];
+const KEY_FIELDS: [&str; 8] = [
+    "minute",
+    "route",
+    "deployment",
+    "model",
+    "key_id",
+    "key_name",
+    "run",
+    "tags",
+];
 
 /// In-memory usage meters: `record()` per finished request, `drain()` deltas for the ledger.
 #[pyclass(frozen, module = "tokenrelay._core")]
 struct Meters(meter::Meters);
 
-fn row_dict<'py>(py: Python<'py>, key: Option<&BucketKey>, row: &Row) -> PyResult<Bound<'py, PyDict>> {
+fn row_dict<'py>(
+    py: Python<'py>,
+    key: Option<&BucketKey>,
+    row: &Row,
+) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
     if let Some(k) = key {
         d.set_item("minute", k.minute)?;
@@ -69,7 +82,11 @@ fn parse_row(d: &Bound<'_, PyDict>) -> PyResult<(BucketKey, Row)> {
         let value = if value.is_instance_of::<PyString>() {
             FieldValue::Hist(value.extract()?)
         } else if value.is_instance_of::<PyInt>() {
-            FieldValue::Int(value.extract().map_err(|_| to_py(MeterError::BadField(name.clone())))?)
+            FieldValue::Int(
+                value
+                    .extract()
+                    .map_err(|_| to_py(MeterError::BadField(name.clone())))?,
+            )
         } else if value.is_instance_of::<PyFloat>() {
             FieldValue::Float(value.extract()?)
         } else {
