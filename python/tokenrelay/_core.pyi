@@ -1,10 +1,7 @@
 # --- meter ---
 from typing import final
 
-from typing_extensions import disjoint_base
-
 @final
-@disjoint_base
 class Meters:
     """In-memory usage meters: `record()` per finished request, `drain()` deltas for the ledger."""
 
