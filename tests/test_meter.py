@@ -155,9 +155,7 @@ def test_prometheus_text_parses_with_the_reference_parser() -> None:
         for s in family.samples:
             assert "run" not in s.labels and "key_id" not in s.labels
     dur = families["tokenrelay_request_duration_seconds"]
-    chat = [
-        s for s in dur.samples if s.labels.get("route") == "chat" and s.labels["deployment"] == "openai-1"
-    ]
+    chat = [s for s in dur.samples if s.labels.get("route") == "chat" and s.labels["deployment"] == "openai-1"]
     count = next(s.value for s in chat if s.name.endswith("_count"))
     inf = next(s.value for s in chat if s.labels.get("le") == "+Inf")
     assert count == inf == 2

@@ -14,8 +14,10 @@ from dataclasses import replace
 
 from aiohttp import web
 
+from tokenrelay._core import Meters
 from tokenrelay.config import Config, with_builtin_routes
-from tokenrelay.handlers import admin, api
+from tokenrelay.handlers import admin, api, usage
+from tokenrelay.ledger import Ledger
 from tokenrelay.metering import Metering
 from tokenrelay.mock import MockProvider
 from tokenrelay.relay import Relay
@@ -31,9 +33,20 @@ def build_app(config: Config) -> web.Application:
     config = with_builtin_routes(config)
     app = web.Application(client_max_size=config.max_body_bytes, handler_args={"max_field_size": 64 * 1024})
     app[STARTED] = time.monotonic()
-    meter = Metering(log_requests=config.log_requests)
+    meters = Meters()
+    ledger = Ledger(
+        meters,
+        config.db,
+        interval=config.flush_interval_s,
+        retention_days=config.request_log_retention_days,
+    )
+    meter = Metering(meters, ledger, log_requests=config.log_requests)
+    for route in config.routes.values():
+        for deployment in route.deployments:
+            meter.price_sources[deployment.name] = deployment.base_url
 
     async def start_relay(app: web.Application) -> None:
+        await asyncio.to_thread(ledger.start)
         relay = app[RELAY] = Relay(config, make_session(), meter)
         app[BACKGROUND] = [
             asyncio.ensure_future(health_check_loop(pool, relay.session))
@@ -46,11 +59,13 @@ def build_app(config: Config) -> web.Application:
             task.cancel()
         await asyncio.gather(*app[BACKGROUND], return_exceptions=True)
         await app[RELAY].session.close()
+        await ledger.aclose()  # the final flush: nothing recorded is lost on a graceful shutdown
 
     app.on_startup.append(start_relay)
     app.on_cleanup.append(stop_relay)
     api.add_routes(app)
     admin.add_routes(app)
+    usage.add_routes(app)
     app.add_subapp("/_mock", MockProvider().app())
     return app
 

@@ -341,10 +341,7 @@ class Ledger:
         self._close_conn()
 
     def _count_dropped(self, n: int) -> None:
-        if (
-            self.dropped_requests == 0
-            or (self.dropped_requests + n) // 10_000 > self.dropped_requests // 10_000
-        ):
+        if self.dropped_requests == 0 or (self.dropped_requests + n) // 10_000 > self.dropped_requests // 10_000:
             log.warning("ledger request log queue full (%d rows): dropping oldest", self._max_pending)
         self.dropped_requests += n
 

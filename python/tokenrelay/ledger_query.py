@@ -45,9 +45,7 @@ def parse_since(text: str, now: float | None = None) -> float:
     try:
         when = dt.datetime.fromisoformat(stripped.replace("Z", "+00:00"))
     except ValueError:
-        raise ValueError(
-            f"cannot read time {text!r}: use 30m, 1h, 7d, 2026-11-01 or an ISO datetime"
-        ) from None
+        raise ValueError(f"cannot read time {text!r}: use 30m, 1h, 7d, 2026-11-01 or an ISO datetime") from None
     return when.timestamp()
 
 
@@ -110,16 +108,24 @@ def query_usage(
     since: float | None = None,
     until: float | None = None,
     group_by: Sequence[str] = (),
+    run: str | None = None,
+    key_id: str | None = None,
+    route: str | None = None,
 ) -> dict[str, Any]:
     """Totals and grouped rows over minute buckets overlapping [since, until). `group_by` among route,
-    deployment, model, key, run, tag (a bucket with tags "a,b" counts under both), minute, hour, day (UTC)."""
+    deployment, model, key, run, tag (a bucket with tags "a,b" counts under both), minute, hour, day (UTC).
+    `run`, `key_id` and `route` restrict the rows to one run, client key or route."""
     unknown = [g for g in group_by if g not in GROUPS]
     if unknown:
         raise ValueError(f"cannot group by {unknown}; choose among {sorted(GROUPS)}")
     conn = db if isinstance(db, sqlite3.Connection) else connect_readonly(db)
     try:
         where: list[str] = []
-        args: list[float] = []
+        args: list[float | str] = []
+        for column, value in (("run", run), ("key_id", key_id), ("route", route)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
         if since is not None:
             where.append("minute >= ?")
             args.append(math.floor(since / 60.0) * 60.0)
@@ -154,8 +160,7 @@ def query_usage(
         variants = [key_values]
         if tag_slot is not None:
             variants = [
-                [*key_values[:tag_slot], t, *key_values[tag_slot + 1 :]]
-                for t in _split_tags(raw["g" + str(tag_slot)])
+                [*key_values[:tag_slot], t, *key_values[tag_slot + 1 :]] for t in _split_tags(raw["g" + str(tag_slot)])
             ]
         for values in variants:
             key = tuple(values)
@@ -171,6 +176,7 @@ def query_usage(
         "since": since,
         "until": until,
         "group_by": list(group_by),
+        "filters": {k: v for k, v in (("run", run), ("key_id", key_id), ("route", route)) if v is not None},
         "totals": _finish(totals_raw),
         "rows": rows,
     }

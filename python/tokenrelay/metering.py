@@ -10,7 +10,9 @@ from typing import Any
 
 import orjson
 
-from tokenrelay._core import Usage
+from tokenrelay._core import Meters, Usage
+from tokenrelay.ledger import Ledger
+from tokenrelay.pricing import Price, cost_usd, price_for, provider_from_url
 
 log = logging.getLogger("tokenrelay.requests")
 
@@ -90,31 +92,94 @@ class Outcome:
 
 
 class Metering:
-    """Receives each finished request. The meters and the ledger are attached by the app when present."""
+    """Receives each finished request: aggregates it in the Rust meters, queues its request-log row for the
+    ledger, and writes one structured log line. Recording is O(1) and does no I/O on the event loop."""
 
-    def __init__(self, log_requests: bool = True) -> None:
+    def __init__(self, meters: Meters | None = None, ledger: Ledger | None = None, log_requests: bool = True) -> None:
+        self.meters = meters if meters is not None else Meters()
+        self.ledger = ledger
         self.log_requests = log_requests
         self.recorded = 0
+        self._prices: dict[tuple[str, str], Price | None] = {}
+        self.price_sources: dict[str, str] = {}  # deployment name -> its base URL (provider hint for prices)
+
+    def price(self, outcome: Outcome) -> Price | None:
+        key = (outcome.deployment, outcome.model)
+        if key not in self._prices:
+            provider = provider_from_url(self.price_sources.get(outcome.deployment, ""))
+            try:
+                self._prices[key] = price_for(outcome.model, outcome.price, provider=provider)
+            except ValueError:
+                self._prices[key] = None
+        return self._prices[key]
 
     def record(self, outcome: Outcome) -> None:
-        """Records a finished request. Never raises: metering must not break relaying."""
+        """Records a finished request exactly once. Never raises: metering must not break relaying."""
         if not outcome.ended_ns:
             outcome.ended_ns = time.monotonic_ns()
         self.recorded += 1
+        try:
+            self._record(outcome)
+        except Exception:  # a bug here must not turn a served request into a failed one
+            log.exception("could not meter request %s", outcome.request_id)
+
+    def _record(self, outcome: Outcome) -> None:
+        usage = outcome.usage
+        # No usage means no tokens were spent (rejected, or the upstream failed before answering): cost 0.
+        # With usage, an unknown price is null, never zero.
+        cost: float | None = 0.0
+        if usage is not None:
+            cost = cost_usd(
+                self.price(outcome),
+                input=usage.input,
+                output=usage.output,
+                cached_input=usage.cached_input,
+                cache_write=usage.cache_write,
+            )
+        row = self.summary(outcome, cost)
+        self.meters.record(
+            ts=outcome.ts,
+            route=outcome.route,
+            deployment=outcome.deployment,
+            model=outcome.model or outcome.requested_model,
+            key_id=outcome.key_id,
+            key_name=outcome.key_name,
+            run=outcome.run,
+            tags=outcome.tags,
+            status=outcome.status,
+            error_class=outcome.error_class,
+            input=row["input"],
+            output=row["output"],
+            cached_input=row["cached_input"],
+            cache_write=row["cache_write"],
+            reasoning=row["reasoning"],
+            input_estimated=row["input_estimated"],
+            output_estimated=row["output_estimated"],
+            cached_estimated=row["cached_estimated"],
+            cache_write_estimated=row["cache_write_estimated"],
+            reasoning_estimated=row["reasoning_estimated"],
+            cost_usd=cost,
+            ttft_s=row["ttft_s"],
+            duration_s=row["duration_s"],
+            stream=outcome.stream,
+            api=outcome.api,
+        )
+        if self.ledger is not None:
+            self.ledger.log_request(row)
         if self.log_requests and log.isEnabledFor(logging.INFO):
-            log.info("%s", orjson.dumps(self.summary(outcome)).decode())
+            log.info("%s", orjson.dumps({**row, "usage": usage.to_dict() if usage is not None else None}).decode())
 
     @staticmethod
-    def summary(outcome: Outcome) -> dict[str, Any]:
-        """One request as a flat dict: the structured log line and the request log row."""
+    def summary(outcome: Outcome, cost: float | None = None) -> dict[str, Any]:
+        """One request as a flat dict: the request-log row (ledger.REQUEST_COLUMNS) and the log line."""
         usage = outcome.usage
-        return {
+        row: dict[str, Any] = {
             "ts": outcome.ts,
             "request_id": outcome.request_id,
             "api": outcome.api,
             "route": outcome.route,
             "deployment": outcome.deployment,
-            "model": outcome.model,
+            "model": outcome.model or outcome.requested_model,
             "stream": outcome.stream,
             "status": outcome.status,
             "error_class": outcome.error_class,
@@ -124,7 +189,20 @@ class Metering:
             "tags": outcome.tags,
             "key_id": outcome.key_id,
             "key_name": outcome.key_name,
-            "usage": usage.to_dict() if usage is not None else None,
+            "cost_usd": cost,
             "ttft_s": outcome.ttft_s,
             "duration_s": outcome.duration_s,
         }
+        for field_name, source in _USAGE_FIELDS:
+            row[field_name] = getattr(usage, field_name) if usage is not None else 0
+            row[f"{source}_estimated"] = usage is not None and getattr(usage, f"{field_name}_source") == "estimated"
+        return row
+
+
+_USAGE_FIELDS = (
+    ("input", "input"),
+    ("output", "output"),
+    ("cached_input", "cached"),
+    ("cache_write", "cache_write"),
+    ("reasoning", "reasoning"),
+)

@@ -194,9 +194,7 @@ def builtin_price(model: str, provider: str | None = None) -> Price | None:
     return best[1] if best else None
 
 
-def price_for(
-    model: str, override: Mapping[str, float] | None = None, *, provider: str | None = None
-) -> Price | None:
+def price_for(model: str, override: Mapping[str, float] | None = None, *, provider: str | None = None) -> Price | None:
     """The price of `model`: the config override's fields over the built-in price. With an override but no
     built-in price, the override must give at least `input` and `output`. None when unknown."""
     base = builtin_price(model, provider)
@@ -204,9 +202,7 @@ def price_for(
         return base
     unknown = set(override) - {"input", "output", "cached_input", "cache_write"}
     if unknown:
-        raise ValueError(
-            f"unknown price fields {sorted(unknown)}; expected input, output, cached_input, cache_write"
-        )
+        raise ValueError(f"unknown price fields {sorted(unknown)}; expected input, output, cached_input, cache_write")
     if base is None and not {"input", "output"} <= set(override):
         raise ValueError(f"price for {model!r} is not built in: the override needs both input and output")
     fields: dict[str, float | None] = {}
@@ -236,7 +232,5 @@ def cost_usd(
     uncached = max(0, input - cached_input - cache_write)
     cached_rate = price.input if price.cached_input is None else price.cached_input
     write_rate = price.input if price.cache_write is None else price.cache_write
-    total = (
-        uncached * price.input + cached_input * cached_rate + cache_write * write_rate + output * price.output
-    )
+    total = uncached * price.input + cached_input * cached_rate + cache_write * write_rate + output * price.output
     return total / 1_000_000

@@ -15,9 +15,9 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import orjson
@@ -33,6 +33,7 @@ from tokenrelay.routing import CANCELLED, FAILURE, RATE_LIMITED, SUCCESS, RouteP
 from tokenrelay.upstream import response_headers, upstream_headers, upstream_url
 
 log = logging.getLogger("tokenrelay.relay")
+T = TypeVar("T")
 
 # Statuses that mean "this deployment, not this request": try another one. 401/403 are here because the
 # upstream key is the deployment's, not the client's: a revoked key on one deployment must not fail agents.
@@ -187,6 +188,42 @@ class Relay:
         self.meter = meter
         self.pools: dict[str, RoutePool] = {name: RoutePool(route) for name, route in config.routes.items()}
         self.in_flight = 0
+
+    @property
+    def db_path(self) -> str:
+        ledger = self.meter.ledger
+        return str(ledger.path) if ledger is not None else ""
+
+    async def flush(self) -> None:
+        """Writes what has been metered so far to the ledger (so a read right after a request sees it)."""
+        if self.meter.ledger is not None:
+            await self.meter.ledger.aflush()
+
+    async def run_in_ledger(self, fn: Callable[..., T], *args: Any) -> T:
+        """Runs a ledger query in a thread: SQLite is never touched on the event loop."""
+        return await asyncio.to_thread(fn, *args)
+
+    def prometheus(self) -> str:
+        """The meters' Prometheus text plus live gauges: requests in flight, deployment state."""
+        lines = [
+            self.meter.meters.prometheus().rstrip("\n"),
+            "# HELP tokenrelay_requests_in_flight Requests being relayed now.",
+            "# TYPE tokenrelay_requests_in_flight gauge",
+            f"tokenrelay_requests_in_flight {self.in_flight}",
+            "# HELP tokenrelay_upstream_up Whether a deployment takes traffic (1) or is open, cooling down or down (0).",
+            "# TYPE tokenrelay_upstream_up gauge",
+        ]
+        outstanding = [
+            "# HELP tokenrelay_upstream_outstanding Requests outstanding per deployment.",
+            "# TYPE tokenrelay_upstream_outstanding gauge",
+        ]
+        for name, pool in sorted(self.pools.items()):
+            for state in pool.snapshot():
+                labels = f'route="{_label(name)}",deployment="{_label(str(state["name"]))}"'
+                up = 1 if state["state"] in ("healthy", "half_open") else 0
+                lines.append(f"tokenrelay_upstream_up{{{labels}}} {up}")
+                outstanding.append(f"tokenrelay_upstream_outstanding{{{labels}}} {state['outstanding']}")
+        return "\n".join(lines + outstanding) + "\n"
 
     async def handle(self, call: Call, route: Route) -> web.StreamResponse:
         """Relays the call; meters it once however it ends (including the client going away)."""
@@ -610,6 +647,10 @@ class Relay:
         _vocabulary_loaded = True
         call.outcome.usage = usage
         return usage
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def client_identity(headers: Mapping[str, str]) -> str:

@@ -8,7 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
-from tokenrelay import ledger
+from tokenrelay import ledger_query
 from tokenrelay.errors import error_response
 from tokenrelay.state import RELAY
 
@@ -44,17 +44,20 @@ async def usage(request: web.Request) -> web.StreamResponse:
     relay = request.app[RELAY]
     q = request.query
     try:
-        since = ledger.parse_since(q["since"]) if "since" in q else None
-        until = ledger.parse_since(q["until"]) if "until" in q else None
+        since = ledger_query.parse_since(q["since"]) if "since" in q else None
+        until = ledger_query.parse_since(q["until"]) if "until" in q else None
     except ValueError as exc:
         return error_response(400, str(exc))
     group_by = [g for g in q.get("group_by", "").split(",") if g]
     unknown = [g for g in group_by if g not in GROUPS]
     if unknown:
         return error_response(400, f"unknown group_by {unknown}; choose from {', '.join(GROUPS)}")
-    scope = request.get("key_scope")  # a client key reads only its own usage (set by the auth middleware)
+    # A client key reads only its own usage (the auth middleware sets the scope); the admin reads any.
+    key_id = request.get("key_scope") or q.get("key_id")
     await relay.flush()
-    result = await relay.run_in_ledger(ledger.query_usage, relay.db_path, since, until, group_by, scope)
+    result = await relay.run_in_ledger(
+        ledger_query.query_usage, relay.db_path, since, until, group_by, q.get("run"), key_id, q.get("route")
+    )
     if q.get("format") == "csv":
         return web.Response(text=rows_to_csv(result["rows"]), content_type="text/csv")
     return web.json_response(result)
@@ -67,8 +70,9 @@ async def recent(request: web.Request) -> web.Response:
     except ValueError:
         return error_response(400, "limit must be an integer")
     await relay.flush()
+    key_id = request.get("key_scope") or request.query.get("key_id")
     rows = await relay.run_in_ledger(
-        ledger.recent_requests, relay.db_path, limit, request.query.get("run"), request.get("key_scope")
+        ledger_query.recent_requests, relay.db_path, limit, request.query.get("run"), key_id
     )
     return web.json_response({"requests": rows})
 
