@@ -210,7 +210,7 @@ class Relay:
             "# HELP tokenrelay_requests_in_flight Requests being relayed now.",
             "# TYPE tokenrelay_requests_in_flight gauge",
             f"tokenrelay_requests_in_flight {self.in_flight}",
-            "# HELP tokenrelay_upstream_up Whether a deployment takes traffic (1) or is open, cooling down or down (0).",
+            "# HELP tokenrelay_upstream_up 1 if a deployment takes traffic; 0 if open, cooling down or down.",
             "# TYPE tokenrelay_upstream_up gauge",
         ]
         outstanding = [
