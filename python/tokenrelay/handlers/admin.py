@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 from aiohttp import web
@@ -18,6 +19,7 @@ async def healthz(request: web.Request) -> web.Response:
             "version": __version__,
             "uptime_s": round(time.monotonic() - request.app[STARTED], 3),
             "in_flight": relay.in_flight,
+            "worker_pid": os.getpid(),
             "routes": len(relay.config.routes),
         }
     )
