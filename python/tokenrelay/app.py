@@ -48,11 +48,12 @@ def build_app(config: Config) -> web.Application:
     async def start_relay(app: web.Application) -> None:
         await asyncio.to_thread(ledger.start)
         relay = app[RELAY] = Relay(config, make_session(), meter)
-        app[BACKGROUND] = [
+        checks: list[asyncio.Future[None]] = [
             asyncio.ensure_future(health_check_loop(pool, relay.session))
             for pool in relay.pools.values()
             if any(d.health_check_path for d in pool.route.deployments)
         ]
+        app[BACKGROUND] = checks
 
     async def stop_relay(app: web.Application) -> None:
         for task in app[BACKGROUND]:

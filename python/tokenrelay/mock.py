@@ -483,7 +483,7 @@ class MockProvider:
         def event(kind: str, data: dict[str, Any]) -> bytes:
             return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps({"type": kind, **data}) + b"\n\n"
 
-        start = {
+        start: dict[str, Any] = {
             "id": mid,
             "type": "message",
             "role": "assistant",

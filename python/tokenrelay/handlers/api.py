@@ -74,7 +74,7 @@ def endpoint(api: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]
             relay.meter.record(outcome)
             return error_response(status, message, err_api, code=code, param=param)
 
-        run = request.match_info.get("run") or request.headers.get("x-tokenrelay-run", "")
+        run = request.match_info.get("run") or request.headers.get("x-tokenrelay-run") or ""
         if len(run) > MAX_RUN_ID:
             return reject(400, f"the run id is longer than {MAX_RUN_ID} characters")
         outcome.run = run
