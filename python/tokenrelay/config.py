@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from tokenrelay.pricing import builtin_price
+
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 4141
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
@@ -82,7 +84,8 @@ class Deployment:
         """The model name sent upstream: the deployment's own, or the wildcard part of a passthrough route."""
         if self.model != PASSTHROUGH_MODEL:
             return self.model
-        prefix = route_name[:-1] if route_name.endswith("*") else ""
+        # `groq/*` routes strip their provider prefix; bare-name patterns like `gpt-*` pass the name as it is.
+        prefix = route_name[:-1] if route_name.endswith("/*") else ""
         return requested[len(prefix) :] if prefix and requested.startswith(prefix) else requested
 
 
@@ -421,6 +424,8 @@ def _parse_deployment(c: _Checker, raw: object, path: str, index: int) -> Deploy
         c.unknown(price_table, _PRICE_KEYS, ppath)
         for key in _PRICE_KEYS & price_table.keys():
             price[key] = c.get(price_table, key, ppath, float, 0.0, _non_negative)
+        if not {"input", "output"} <= price.keys() and model and builtin_price(model) is None:
+            c.error(ppath, f"no built-in price for {model!r}: give both input and output (USD per 1M tokens)")
     headers_table = c.get(table, "headers", path, dict, {})
     headers: dict[str, str] = {}
     for key, value in headers_table.items():
