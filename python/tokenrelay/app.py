@@ -19,7 +19,8 @@ from tokenrelay.handlers import admin, api
 from tokenrelay.metering import Metering
 from tokenrelay.mock import MockProvider
 from tokenrelay.relay import Relay
-from tokenrelay.state import RELAY, STARTED
+from tokenrelay.routing import health_check_loop
+from tokenrelay.state import BACKGROUND, RELAY, STARTED
 from tokenrelay.upstream import make_session
 
 log = logging.getLogger("tokenrelay")
@@ -33,9 +34,17 @@ def build_app(config: Config) -> web.Application:
     meter = Metering(log_requests=config.log_requests)
 
     async def start_relay(app: web.Application) -> None:
-        app[RELAY] = Relay(config, make_session(), meter)
+        relay = app[RELAY] = Relay(config, make_session(), meter)
+        app[BACKGROUND] = [
+            asyncio.ensure_future(health_check_loop(pool, relay.session))
+            for pool in relay.pools.values()
+            if any(d.health_check_path for d in pool.route.deployments)
+        ]
 
     async def stop_relay(app: web.Application) -> None:
+        for task in app[BACKGROUND]:
+            task.cancel()
+        await asyncio.gather(*app[BACKGROUND], return_exceptions=True)
         await app[RELAY].session.close()
 
     app.on_startup.append(start_relay)

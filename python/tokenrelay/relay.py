@@ -53,6 +53,8 @@ DEFAULT_COOLDOWN_S = 5.0
 # error before any content can still fail over; after that the client gets them (and keep-alive comments).
 MAX_HOLD_S = 10.0
 KEEPALIVE_COMMENT = b": keep-alive\n\n"
+# Vocabularies are loaded lazily (they cost ~50 MB each), so a daemon whose upstreams all report usage never pays.
+_vocabulary_loaded = False
 _WRITE_ERRORS = (ConnectionError, aiohttp.ClientConnectionResetError)
 # (client API, deployment kind) -> (the API the deployment is sent, its path; None: answered locally) for the
 # requests a deployment of the other kind can serve, translated (see rust/src/translate.rs).
@@ -607,6 +609,7 @@ class Relay:
         finally:
             watchdog.cancel()
             upstream.release()
+        await self._finish_usage(meter, call)
         if failure is not None and not outcome.error_class:
             outcome.fail(
                 504 if watchdog.fired else 502, metering.TIMEOUT if watchdog.fired else metering.UPSTREAM_ERROR, failure
@@ -615,7 +618,6 @@ class Relay:
                 await response.write(error_event(failure, call.api))
         elif meter.error is not None and not outcome.error_class:
             outcome.fail(502, metering.UPSTREAM_ERROR, str(meter.error.get("message", "upstream error")))
-        outcome.usage = await self._finish_usage(meter, call)
         if outcome.first_token_ns is None and meter.first_token_ns is not None:
             outcome.first_token_ns = meter.first_token_ns
         if not outcome.error_class:
@@ -656,10 +658,25 @@ class Relay:
             self._first_token(attempt)
 
     async def _finish_usage(self, meter: StreamMeter, call: Call) -> Usage:
-        """The request's usage; counting large texts happens in a thread so the event loop never waits on it."""
-        if meter.estimate_bytes > ESTIMATE_INLINE_BYTES:
-            return await asyncio.get_running_loop().run_in_executor(None, meter.finish, call.raw)
-        return meter.finish(call.raw)
+        """The request's usage; counting large texts happens in a thread so the event loop never waits on it.
+
+        If the client goes away meanwhile (the handler is cancelled), the count still completes and is recorded
+        before the cancellation goes on: a metered request is never lost."""
+        global _vocabulary_loaded
+        pending = meter.estimate_bytes
+        # The first count loads a BPE vocabulary (~50-100 ms): that too happens off the loop.
+        if not (pending > ESTIMATE_INLINE_BYTES or (pending and not _vocabulary_loaded)):
+            usage = call.outcome.usage = meter.finish(call.raw)
+            return usage
+        counting = asyncio.get_running_loop().run_in_executor(None, meter.finish, call.raw)
+        try:
+            usage = await asyncio.shield(counting)
+        except asyncio.CancelledError:
+            call.outcome.usage = await counting
+            raise
+        _vocabulary_loaded = True
+        call.outcome.usage = usage
+        return usage
 
 
 def _error_format(api: str) -> str:

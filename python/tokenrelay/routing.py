@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
+from tokenrelay._core import Pool
 from tokenrelay.config import Route
 
 log = logging.getLogger("tokenrelay.routing")
@@ -36,25 +37,41 @@ class Pick:
 
 
 class RoutePool:
-    """A route's deployments and their balancing state."""
+    """A route's deployments and their balancing state (the Rust `Pool`), plus the wait queue."""
 
     def __init__(self, route: Route) -> None:
         self.route = route
-        self._next = 0
-        self._outstanding = [0] * len(route.deployments)
+        b = route.breaker
+        self.pool = Pool(
+            [
+                {
+                    "name": d.name,
+                    "weight": d.weight,
+                    "tier": d.tier,
+                    "max_concurrent": d.max_concurrent,
+                    "rpm": d.rpm,
+                    "tpm": d.tpm,
+                }
+                for d in route.deployments
+            ],
+            route.strategy,
+            breaker_failures=b.failures,
+            breaker_error_rate=b.error_rate,
+            breaker_window_s=b.window_s,
+            breaker_min_requests=b.min_requests,
+            cooldown_s=b.cooldown_s,
+            max_cooldown_s=b.max_cooldown_s,
+        )
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self.waiting = 0
         self._ttfts: collections.deque[float] = collections.deque(maxlen=200)
 
     def pick(self, exclude: list[int]) -> Pick:
-        n = len(self.route.deployments)
-        for step in range(n):
-            idx = (self._next + step) % n
-            if idx not in exclude:
-                self._next = idx + 1
-                self._outstanding[idx] += 1
-                return Pick(idx)
-        return Pick(-1)
+        idx = self.pool.pick(exclude)
+        if idx >= 0:
+            return Pick(idx)
+        retry_after = self.pool.retry_after(exclude)
+        return Pick(-1, busy=idx == Pool.BUSY, retry_after_s=retry_after if retry_after is not None else 0.0)
 
     async def acquire(self, exclude: list[int]) -> Pick:
         """Picks a deployment, waiting in a bounded FIFO queue (up to the route's queue timeout) while every
@@ -95,20 +112,21 @@ class RoutePool:
                 return
 
     def first_token(self, idx: int, ttft_s: float) -> None:
+        self.pool.first_token(idx, ttft_s)
         self._ttfts.append(ttft_s)
 
     def release(
         self, idx: int, outcome: str, output_tokens: int = 0, total_tokens: int = 0, duration_s: float = 0.0
     ) -> None:
-        self._outstanding[idx] -= 1
+        self.pool.release(idx, outcome, output_tokens, total_tokens, duration_s)  # type: ignore[arg-type]
         if self._waiters:
             self._wake_one()
 
     def cooldown(self, idx: int, seconds: float) -> None:
-        pass
+        self.pool.cooldown(idx, seconds)
 
     def set_health(self, idx: int, up: bool) -> None:
-        pass
+        self.pool.set_health(idx, up)
 
     def ttft_quantile(self, q: float) -> float | None:
         """A quantile of this route's recent times to first token (for hedging after the route's p95)."""
@@ -118,7 +136,7 @@ class RoutePool:
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
     def snapshot(self) -> list[dict[str, object]]:
-        return [{"name": d.name, "outstanding": self._outstanding[i]} for i, d in enumerate(self.route.deployments)]
+        return self.pool.snapshot()
 
 
 async def health_check_loop(pool: RoutePool, session: aiohttp.ClientSession) -> None:
@@ -135,7 +153,7 @@ async def health_check_loop(pool: RoutePool, session: aiohttp.ClientSession) -> 
         while True:
             try:
                 async with session.get(url, headers=headers, timeout=aiohttp.ClientTimeout(total=5)) as resp:
-                    now_up = resp.status < 500
+                    now_up = 200 <= resp.status < 300
             except (aiohttp.ClientError, TimeoutError):
                 now_up = False
             if now_up != up:

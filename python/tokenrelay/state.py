@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -11,3 +12,4 @@ if TYPE_CHECKING:
 
 RELAY: web.AppKey[Relay] = web.AppKey("relay")
 STARTED: web.AppKey[float] = web.AppKey("started", float)
+BACKGROUND: web.AppKey[list[asyncio.Future[None]]] = web.AppKey("background")

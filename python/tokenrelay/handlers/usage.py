@@ -75,8 +75,12 @@ async def recent(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     relay = request.app[RELAY]
-    return web.Response(text=relay.prometheus(), content_type="text/plain", charset="utf-8",
-                        headers={"content-type": "text/plain; version=0.0.4; charset=utf-8"})
+    return web.Response(
+        text=relay.prometheus(),
+        content_type="text/plain",
+        charset="utf-8",
+        headers={"content-type": "text/plain; version=0.0.4; charset=utf-8"},
+    )
 
 
 def add_routes(app: web.Application) -> None:

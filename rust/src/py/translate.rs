@@ -1,5 +1,5 @@
-//! Python glue for the translators: `translate_request`, `translate_response`, `translate_error`,
-//! `estimate_input_tokens`, and the `TranslationError` exception. No logic lives here.
+//! Python glue for the translators: `translate_request`, `translate_response`, `translate_error` and the
+//! `TranslationError` exception. No logic lives here.
 
 use pyo3::create_exception;
 use pyo3::exceptions::PyValueError;
@@ -7,7 +7,6 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
 use crate::api::Api;
-use crate::tokens;
 use crate::translate::{self, Kind, TranslateError};
 
 create_exception!(
@@ -75,25 +74,11 @@ fn translate_error<'py>(
     Ok(PyBytes::new(py, &out))
 }
 
-/// Estimated input tokens of a request body of `api` (for `count_tokens` on a deployment that has none).
-#[pyfunction]
-#[pyo3(signature = (api_name, body, model = ""))]
-fn estimate_input_tokens(
-    py: Python<'_>,
-    api_name: &str,
-    body: &[u8],
-    model: &str,
-) -> PyResult<usize> {
-    let api = api(api_name)?;
-    Ok(py.detach(|| tokens::estimate_input(api, body, model)))
-}
-
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("TranslationError", m.py().get_type::<TranslationError>())?;
     m.add("DEFAULT_MAX_TOKENS", translate::DEFAULT_MAX_TOKENS)?;
     m.add_function(wrap_pyfunction!(translate_request, m)?)?;
     m.add_function(wrap_pyfunction!(translate_response, m)?)?;
     m.add_function(wrap_pyfunction!(translate_error, m)?)?;
-    m.add_function(wrap_pyfunction!(estimate_input_tokens, m)?)?;
     Ok(())
 }
