@@ -241,7 +241,7 @@ class MockProvider:
             "completion_tokens": completion,
             "total_tokens": prompt_tokens + completion,
             "prompt_tokens_details": {"cached_tokens": b.cached_tokens, "audio_tokens": 0},
-            "completion_tokens_details": {"reasoning_tokens": b.reasoning_tokens, "audio_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": b.reasoning_tokens + len(thinking), "audio_tokens": 0},
         }
         if not body.get("stream"):
             self.stats.completed += 1
