@@ -582,7 +582,10 @@ class MockProvider:
         return await self._stream(request, head, deltas, tail, b, output_tokens)
 
     async def count_tokens(self, request: web.Request) -> web.Response:
-        body = orjson.loads(await request.read())
+        got = await self._record(request, "count_tokens")
+        if isinstance(got, web.Response):
+            return got
+        body, _ = got
         return web.json_response({"input_tokens": self._input_tokens(body)})
 
     # --- control ------------------------------------------------------------------------------------------------
