@@ -229,8 +229,3 @@ pub fn translate_error(upstream: Api, client: Api, status: u16, body: &[u8]) -> 
     };
     serde_json::to_vec(&out).unwrap_or_else(|_| body.to_vec())
 }
-
-#[cfg(test)]
-pub(super) fn message_to_chat_at(m: &Value, created: u64) -> Value {
-    message_to_chat(m, created)
-}
