@@ -12,7 +12,6 @@ import argparse
 import time
 
 from bench_stream import build
-
 from tokenrelay._core import StreamMeter
 
 # name -> (upstream api, client api, fixture, marker of the events to repeat)
