@@ -56,7 +56,11 @@ class StreamMeter:
     `stream_options.include_usage` when the proxy injected it.
     """
 
-    def __new__(cls, api: str, model: str = "", strip_usage: bool = False) -> Self: ...
+    def __new__(cls, api: str, model: str = "", strip_usage: bool = False, translate_to: str | None = None) -> Self:
+        """`translate_to`: the client's API ("chat" | "messages") when it differs from the upstream's `api`:
+        every event is rewritten into the client's format (feed() then always returns bytes; usage is still
+        decoded from the upstream's events; a chat client gets the usage chunk unless `strip_usage`).
+        ValueError when no translation exists between the two."""
     def feed(self, chunk: bytes) -> bytes | None:
         """Parse one raw read (holds the GIL; short).
 
@@ -223,3 +227,28 @@ def histogram_merge(a: str | None, b: str | None, /) -> str: ...
 
 HISTOGRAM_BOUNDS: tuple[float, ...]
 METER_ERROR_CLASSES: tuple[str, ...]
+
+
+# --- translate ---
+
+DEFAULT_MAX_TOKENS: int
+"""`max_tokens` sent to an Anthropic deployment when a chat completions request gives none."""
+
+class TranslationError(ValueError):
+    """A request that cannot be translated; `param` names the offending parameter (a path like
+    `messages[2].content[0].type`), or is None when the whole request is at fault."""
+
+    param: str | None
+
+def translate_request(client: str, kind: str, body: bytes, model: str, drop_unsupported: bool = False) -> bytes:
+    """The request body of the `client` API ("chat" | "messages") for a deployment of `kind` ("openai" |
+    "anthropic") of the other format, with `model` as its model. Raises TranslationError naming a parameter
+    with no equivalent (unless `drop_unsupported`), or when no translation exists. GIL released."""
+
+def translate_response(upstream: str, client: str, body: bytes) -> bytes:
+    """A complete JSON response body of the `upstream` API in the `client` API's format (usage and stop reason
+    mapped). Unchanged when the two are the same; TranslationError when it is not JSON. GIL released."""
+
+def translate_error(upstream: str, client: str, status: int, body: bytes) -> bytes:
+    """An upstream error body (HTTP `status`) in the error shape of the `client` API ("chat" and the other
+    OpenAI APIs, or "messages"). A body that is not JSON becomes the message."""

@@ -72,6 +72,9 @@ class Behaviour:
     slow_tail_ms: float = 0.0
     cached_tokens: int = 0
     reasoning_tokens: int = 0
+    thinking: int = 0  # reasoning deltas before the answer (chat: reasoning_content; messages: a thinking block)
+    tool_call: str = ""  # answer (after any text) with a call of this tool, its arguments streamed in pieces
+    tool_args: str = '{"city": "Paris", "unit": "celsius"}'
     chunk_events: int = 1  # events per write (1: one write per event)
     fixed_ids: bool = False  # same ids and timestamps on every answer (byte-for-byte comparisons)
 
@@ -136,6 +139,18 @@ class MockProvider:
         if b.fixed_ids:
             return f"{prefix}0", 1700000000
         return f"{prefix}{next(self._ids)}", int(time.time())
+
+    @staticmethod
+    def _thinking(b: Behaviour) -> list[str]:
+        return [f"step {i + 1} " for i in range(b.thinking)]
+
+    @staticmethod
+    def _tool_pieces(b: Behaviour) -> list[str]:
+        """The tool call's arguments in three pieces (as providers stream them: split anywhere)."""
+        if not b.tool_call:
+            return []
+        n = len(b.tool_args)
+        return [b.tool_args[: n // 3], b.tool_args[n // 3 : 2 * n // 3], b.tool_args[2 * n // 3 :]]
 
     def _text(self, b: Behaviour) -> list[str]:
         return [
@@ -216,24 +231,33 @@ class MockProvider:
         prompt_tokens = self._input_tokens(body)
         self.stats.input_tokens += prompt_tokens
         pieces = self._text(b)
-        completion = len(pieces) * b.words_per_delta + b.reasoning_tokens
+        thinking = self._thinking(b)
+        tool_pieces = self._tool_pieces(b)
+        call_id = f"call_mock{rid.rsplit('mock', 1)[-1]}"
+        finish = "tool_calls" if b.tool_call else "stop"
+        completion = len(pieces) * b.words_per_delta + b.reasoning_tokens + len(thinking) + len(tool_pieces)
         usage = {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion,
             "total_tokens": prompt_tokens + completion,
             "prompt_tokens_details": {"cached_tokens": b.cached_tokens, "audio_tokens": 0},
-            "completion_tokens_details": {"reasoning_tokens": b.reasoning_tokens, "audio_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": b.reasoning_tokens + len(thinking), "audio_tokens": 0},
         }
         if not body.get("stream"):
             self.stats.completed += 1
             self.stats.output_tokens += completion
-            message = {"role": "assistant", "content": "".join(pieces), "refusal": None}
+            message: dict[str, Any] = {"role": "assistant", "content": "".join(pieces) or None, "refusal": None}
+            if thinking:
+                message["reasoning_content"] = "".join(thinking)
+            if b.tool_call:
+                function = {"name": b.tool_call, "arguments": b.tool_args}
+                message["tool_calls"] = [{"id": call_id, "type": "function", "function": function}]
             answer: dict[str, Any] = {
                 "id": rid,
                 "object": "chat.completion",
                 "created": created,
                 "model": model,
-                "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}],
+                "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
                 "system_fingerprint": "fp_mock",
             }
             if b.usage:
@@ -257,7 +281,7 @@ class MockProvider:
                 data["usage"] = None
             return b"data: " + orjson.dumps(data) + b"\n\n"
 
-        deltas = []
+        deltas = [chunk({"content": None, "reasoning_content": t}) for t in thinking]
         tail = []
         for i, piece in enumerate(pieces):
             if i == b.error_after:
@@ -266,7 +290,17 @@ class MockProvider:
                 break
             deltas.append(chunk({"content": piece}))
         else:
-            tail.append(chunk({}, "stop"))
+            for j, args in enumerate(tool_pieces):
+                call: dict[str, Any] = {"index": 0, "function": {"arguments": args}}
+                if j == 0:
+                    call = {
+                        "index": 0,
+                        "id": call_id,
+                        "type": "function",
+                        "function": {"name": b.tool_call, "arguments": args},
+                    }
+                deltas.append(chunk({"tool_calls": [call]}))
+            tail.append(chunk({}, finish))
             if include_usage:
                 tail.append(b"data: " + orjson.dumps({**base, "choices": [], "usage": usage}) + b"\n\n")
         tail.append(b"data: [DONE]\n\n")
@@ -458,7 +492,11 @@ class MockProvider:
         input_tokens = self._input_tokens(body)
         self.stats.input_tokens += input_tokens
         pieces = self._text(b)
-        output_tokens = len(pieces) * b.words_per_delta
+        thinking = self._thinking(b)
+        tool_pieces = self._tool_pieces(b)
+        tool_id = f"toolu_mock{mid.rsplit('mock', 1)[-1]}"
+        stop_reason = "tool_use" if b.tool_call else "end_turn"
+        output_tokens = len(pieces) * b.words_per_delta + len(thinking) + len(tool_pieces)
         usage = {
             "input_tokens": input_tokens - b.cached_tokens,
             "cache_creation_input_tokens": 0,
@@ -468,13 +506,22 @@ class MockProvider:
         if not body.get("stream"):
             self.stats.completed += 1
             self.stats.output_tokens += output_tokens
+            content: list[dict[str, Any]] = []
+            if thinking:
+                content.append({"type": "thinking", "thinking": "".join(thinking), "signature": "c2lnbmF0dXJl"})
+            if pieces:
+                content.append({"type": "text", "text": "".join(pieces)})
+            if b.tool_call:
+                content.append(
+                    {"type": "tool_use", "id": tool_id, "name": b.tool_call, "input": orjson.loads(b.tool_args)}
+                )
             answer = {
                 "id": mid,
                 "type": "message",
                 "role": "assistant",
                 "model": model,
-                "content": [{"type": "text", "text": "".join(pieces)}],
-                "stop_reason": "end_turn",
+                "content": content,
+                "stop_reason": stop_reason,
                 "stop_sequence": None,
                 "usage": usage,
             }
@@ -493,36 +540,52 @@ class MockProvider:
             "stop_sequence": None,
             "usage": {**usage, "output_tokens": 1},
         }
-        head = [
-            event("message_start", {"message": start}),
-            event("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}),
-            event("ping", {}),
-        ]
+        # The real sequence: message_start, ping, then each block (start, deltas, stop), message_delta, message_stop.
+        head = [event("message_start", {"message": start}), event("ping", {})]
         deltas = []
+        index = 0
+        if thinking:
+            block: dict[str, Any] = {"type": "thinking", "thinking": "", "signature": ""}
+            deltas.append(event("content_block_start", {"index": index, "content_block": block}))
+            for t in thinking:
+                delta = {"type": "thinking_delta", "thinking": t}
+                deltas.append(event("content_block_delta", {"index": index, "delta": delta}))
+            signature = {"type": "signature_delta", "signature": "c2lnbmF0dXJl"}
+            deltas.append(event("content_block_delta", {"index": index, "delta": signature}))
+            deltas.append(event("content_block_stop", {"index": index}))
+            index += 1
+        if pieces:
+            deltas.append(event("content_block_start", {"index": index, "content_block": {"type": "text", "text": ""}}))
         for i, piece in enumerate(pieces):
             if i == b.error_after:
                 deltas.append(event("error", {"error": {"type": "overloaded_error", "message": "Overloaded"}}))
                 break
-            deltas.append(event("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": piece}}))
-        tail = (
-            []
-            if b.error_after >= 0
-            else [
-                event("content_block_stop", {"index": 0}),
-                event(
-                    "message_delta",
-                    {
-                        "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-                        "usage": {"output_tokens": output_tokens},
-                    },
-                ),
-                event("message_stop", {}),
-            ]
-        )
+            delta = {"type": "text_delta", "text": piece}
+            deltas.append(event("content_block_delta", {"index": index, "delta": delta}))
+        tail = []
+        if b.error_after < 0:
+            if pieces:
+                tail.append(event("content_block_stop", {"index": index}))
+                index += 1
+            if b.tool_call:
+                block = {"type": "tool_use", "id": tool_id, "name": b.tool_call, "input": {}}
+                tail.append(event("content_block_start", {"index": index, "content_block": block}))
+                for args in ["", *tool_pieces]:
+                    delta = {"type": "input_json_delta", "partial_json": args}
+                    tail.append(event("content_block_delta", {"index": index, "delta": delta}))
+                tail.append(event("content_block_stop", {"index": index}))
+            message_delta = {
+                "delta": {"stop_reason": stop_reason, "stop_sequence": None},
+                "usage": {"output_tokens": output_tokens},
+            }
+            tail += [event("message_delta", message_delta), event("message_stop", {})]
         return await self._stream(request, head, deltas, tail, b, output_tokens)
 
     async def count_tokens(self, request: web.Request) -> web.Response:
-        body = orjson.loads(await request.read())
+        got = await self._record(request, "count_tokens")
+        if isinstance(got, web.Response):
+            return got
+        body, _ = got
         return web.json_response({"input_tokens": self._input_tokens(body)})
 
     # --- control ------------------------------------------------------------------------------------------------

@@ -24,7 +24,16 @@ import orjson
 from aiohttp import web
 
 from tokenrelay import metering
-from tokenrelay._core import StreamMeter, Usage, decode_body
+from tokenrelay._core import (
+    StreamMeter,
+    TranslationError,
+    Usage,
+    decode_body,
+    estimate_input_tokens,
+    translate_error,
+    translate_request,
+    translate_response,
+)
 from tokenrelay.config import Config, Deployment, Route
 from tokenrelay.errors import error_event, error_response
 from tokenrelay.metering import Metering, Outcome
@@ -48,6 +57,13 @@ KEEPALIVE_COMMENT = b": keep-alive\n\n"
 # Vocabularies are loaded lazily (they cost ~50 MB each), so a daemon whose upstreams all report usage never pays.
 _vocabulary_loaded = False
 _WRITE_ERRORS = (ConnectionError, aiohttp.ClientConnectionResetError)
+# (client API, deployment kind) -> (the API the deployment is sent, its path; None: answered locally) for the
+# requests a deployment of the other kind can serve, translated (see rust/src/translate.rs).
+TRANSLATED: dict[tuple[str, str], tuple[str, str | None]] = {
+    ("chat", "anthropic"): ("messages", "/messages"),
+    ("messages", "openai"): ("chat", "/chat/completions"),
+    ("count_tokens", "openai"): ("count_tokens", None),  # an estimate: OpenAI has no token-counting endpoint
+}
 _READ_ERRORS = (aiohttp.ClientError, ConnectionError)
 
 
@@ -142,6 +158,9 @@ class Attempt:
         self.idx = idx
         self.deployment: Deployment = route.deployments[idx]
         self.model = self.deployment.upstream_model(call.outcome.requested_model, route.name)
+        translation = TRANSLATED.get((call.api, self.deployment.kind))
+        self.translated = translation is not None
+        self.upstream_api, self.upstream_path = translation or (call.api, call.path)
         self.released = False
         self.upstream: aiohttp.ClientResponse | None = None
         self.meter: StreamMeter | None = None
@@ -359,6 +378,8 @@ class Relay:
         """The body the upstream gets (its own model name; usage asked for) and whether to strip that usage."""
         call = attempt.call
         body = call.body
+        if attempt.translated:
+            return self._translated_body(attempt)
         strip_usage = False
         changes: dict[str, Any] = {}
         if body.get("model") != attempt.model:
@@ -372,18 +393,41 @@ class Relay:
             return call.raw, strip_usage
         return orjson.dumps({**body, **changes}), strip_usage
 
+    @staticmethod
+    def _translated_body(attempt: Attempt) -> tuple[bytes, bool]:
+        """The request in the deployment's format; a parameter with no equivalent fails the attempt with a 400 naming
+        it (another deployment of the route may still serve the request natively)."""
+        call, kind = attempt.call, attempt.deployment.kind
+        options = call.body.get("stream_options")
+        strip_usage = not (isinstance(options, dict) and options.get("include_usage"))
+        if attempt.upstream_path is None:
+            return b"", strip_usage
+        try:
+            body = translate_request(call.api, kind, call.raw, attempt.model, attempt.route.drop_unsupported)
+        except TranslationError as exc:
+            attempt.close()
+            message = f"{exc} (route {attempt.route.name!r} sends it to a {kind}-kind deployment)"
+            answer = error_response(
+                400, message, _error_format(call.api), code="unsupported_parameter", param=exc.param
+            )
+            raise _Retry(400, metering.CLIENT_4XX, message, answer) from None
+        return body, strip_usage
+
     async def _open(self, attempt: Attempt) -> None:
         """Connects and reads up to the first content token. Raises _Retry on any failure; on return the attempt
         either holds a complete answer (`final`) or a stream ready to deliver."""
         call, deployment = attempt.call, attempt.deployment
         body, strip_usage = self._upstream_body(attempt)
+        if attempt.upstream_path is None:
+            self._count_locally(attempt)
+            return
         watchdog = attempt.watchdog = _Watchdog(attempt.route)
         watchdog.task = asyncio.current_task()
         ok = False
         try:
             try:
                 upstream = await self.session.post(
-                    upstream_url(deployment, call.path),
+                    upstream_url(deployment, attempt.upstream_path),
                     data=body,
                     headers=upstream_headers(deployment, call.request.headers, call.stream),
                     timeout=aiohttp.ClientTimeout(
@@ -427,6 +471,8 @@ class Relay:
         finally:
             upstream.release()
         overloaded = b"overloaded" in data[:2048]
+        if attempt.translated:
+            data = translate_error(attempt.upstream_api, _error_format(attempt.call.api), status, data)
         passthrough = web.Response(status=status, body=data, headers=response_headers(upstream.headers))
         error_class = metering.error_class_for_status(status, upstream=True)
         if status in RETRYABLE_STATUSES or overloaded:
@@ -461,11 +507,19 @@ class Relay:
             try:
                 if len(data) + len(call.raw) > ESTIMATE_INLINE_BYTES:
                     loop = asyncio.get_running_loop()
-                    usage = await loop.run_in_executor(None, decode_body, call.api, data, attempt.model, call.raw)
+                    usage = await loop.run_in_executor(
+                        None, decode_body, attempt.upstream_api, data, attempt.model, call.raw
+                    )
                 else:
-                    usage = decode_body(call.api, data, attempt.model, call.raw)
+                    usage = decode_body(attempt.upstream_api, data, attempt.model, call.raw)
             except ValueError as exc:
                 log.warning("could not read usage from %s's answer: %s", attempt.deployment.name, exc)
+        if attempt.translated:
+            try:
+                data = translate_response(attempt.upstream_api, call.api, data)
+            except TranslationError as exc:
+                attempt.release(FAILURE)
+                raise _Retry(502, metering.UPSTREAM_ERROR, f"{attempt.deployment.name}: {exc}") from exc
         attempt.usage = usage
         attempt.release(SUCCESS, usage)
         headers = response_headers(upstream.headers)
@@ -478,7 +532,8 @@ class Relay:
     async def _open_stream(self, attempt: Attempt, upstream: aiohttp.ClientResponse, strip_usage: bool) -> None:
         """Holds the opening events until the first content token (or the end, an error, or the hold limit)."""
         call = attempt.call
-        meter = attempt.meter = StreamMeter(call.api, attempt.model, strip_usage)
+        translate_to = call.api if attempt.translated else None
+        meter = attempt.meter = StreamMeter(attempt.upstream_api, attempt.model, strip_usage, translate_to)
         watchdog = attempt.watchdog
         assert watchdog is not None
         loop = asyncio.get_running_loop()
@@ -513,6 +568,18 @@ class Relay:
             raise _Retry(502, metering.UPSTREAM_ERROR, "the upstream closed the stream before sending any content")
         if meter.content_started:
             self._first_token(attempt)
+
+    @staticmethod
+    def _count_locally(attempt: Attempt) -> None:
+        """count_tokens on a deployment without such an endpoint: an estimate, marked as one in a header."""
+        tokens = estimate_input_tokens("messages", attempt.call.raw, attempt.model)
+        attempt.first_token_ns = time.monotonic_ns()
+        attempt.status = 200
+        attempt.release(SUCCESS)
+        headers = {"x-tokenrelay-deployment": attempt.deployment.name, "x-tokenrelay-estimated": "true"}
+        attempt.final = web.Response(
+            body=orjson.dumps({"input_tokens": tokens}), content_type="application/json", headers=headers
+        )
 
     @staticmethod
     def _first_token(attempt: Attempt) -> None:
@@ -651,6 +718,11 @@ class Relay:
 
 def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _error_format(api: str) -> str:
+    """The API whose error shape a client of `api` parses."""
+    return "messages" if api in ("messages", "count_tokens") else api
 
 
 def client_identity(headers: Mapping[str, str]) -> str:

@@ -10,6 +10,7 @@ pub mod events;
 pub mod meter;
 pub mod sse;
 pub mod tokens;
+pub mod translate;
 
 #[cfg(feature = "python")]
 mod py;

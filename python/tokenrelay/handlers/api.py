@@ -13,7 +13,7 @@ from aiohttp import web
 from tokenrelay import metering
 from tokenrelay.errors import error_response
 from tokenrelay.metering import Outcome
-from tokenrelay.relay import Call, client_identity
+from tokenrelay.relay import TRANSLATED, Call, client_identity
 from tokenrelay.state import RELAY
 
 MAX_RUN_ID = 128
@@ -108,7 +108,7 @@ def endpoint(api: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]
                 "model",
             )
         kind = API_KIND[api]
-        if not any(d.kind == kind for d in route.deployments):
+        if not any(d.kind == kind or (api, d.kind) in TRANSLATED for d in route.deployments):
             return reject(
                 400,
                 f"route {route.name!r} has no {kind}-kind deployment to serve {request.path}",

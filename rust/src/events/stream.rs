@@ -6,6 +6,7 @@ use super::wire::{AnEvent, ChatChunk, ChatMessage, ErrorObj, RespEvent, Text};
 use super::{Tally, Usage};
 use crate::api::Api;
 use crate::sse::{Event, SseParser, DEFAULT_MAX_EVENT_BYTES};
+use crate::translate::StreamTranslator;
 
 /// An in-stream error event, normalised to a type and a message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,6 +47,8 @@ pub struct StreamMeter {
     /// Scratch: absolute ranges of events to drop in the current feed.
     drops: Vec<(u64, u64)>,
     finished: bool,
+    /// Rewrites every event into the client's format (a route whose deployment speaks another API).
+    translator: Option<StreamTranslator>,
 }
 
 impl StreamMeter {
@@ -67,11 +70,53 @@ impl StreamMeter {
             held_start: 0,
             drops: Vec::new(),
             finished: false,
+            translator: None,
         }
+    }
+
+    /// A meter for an `upstream` stream whose events are translated to the `client` API (usage is still
+    /// decoded from the upstream's events). `include_usage`: a chat client asked for the usage chunk.
+    /// `None` when there is no translation between the two.
+    pub fn translating(
+        upstream: Api,
+        client: Api,
+        model: &str,
+        include_usage: bool,
+        created: u64,
+    ) -> Option<Self> {
+        let translator = StreamTranslator::new(upstream, client, include_usage, created)?;
+        let mut meter = Self::new(upstream, model, false);
+        meter.translator = Some(translator);
+        Some(meter)
+    }
+
+    /// Feeds `chunk` to the parser, the decoders and the translator; the translated bytes.
+    fn feed_translated(&mut self, chunk: &[u8], finish: bool) -> Vec<u8> {
+        let mut out = Vec::new();
+        let api = self.api;
+        let state = &mut self.state;
+        let Some(tr) = self.translator.as_mut() else {
+            return out;
+        };
+        let mut on_event = |ev: &Event<'_>| {
+            state.on_event(api, ev);
+            tr.on_event(ev, &mut out);
+        };
+        if finish {
+            self.parser.finish(on_event);
+            tr.finish(&mut out);
+        } else if self.parser.feed(chunk, &mut on_event).is_err() {
+            self.state.oversized += 1;
+            self.state.malformed += 1;
+        }
+        out
     }
 
     /// Parses one raw read. `None`: forward `chunk` unchanged. `Some(bytes)`: forward these instead.
     pub fn feed(&mut self, chunk: &[u8]) -> Option<Vec<u8>> {
+        if self.translator.is_some() {
+            return Some(self.feed_translated(chunk, false));
+        }
         let chunk_start = self.parser.offset();
         let api = self.api;
         let strip = self.strip_usage;
@@ -110,6 +155,9 @@ impl StreamMeter {
             return Vec::new();
         }
         self.finished = true;
+        if self.translator.is_some() {
+            return self.feed_translated(&[], true);
+        }
         let api = self.api;
         let strip = self.strip_usage;
         let state = &mut self.state;

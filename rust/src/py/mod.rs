@@ -6,6 +6,7 @@ mod balance;
 mod meter;
 mod stream;
 mod tokens;
+mod translate;
 
 /// The extension module. Errors cross as Python exceptions; a Rust panic surfaces as `PanicException`.
 #[pymodule]
@@ -15,5 +16,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     tokens::register(m)?;
     balance::register(m)?;
     meter::register(m)?;
+    translate::register(m)?;
     Ok(())
 }

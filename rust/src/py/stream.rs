@@ -6,6 +6,7 @@ use pyo3::types::{PyBytes, PyDict};
 
 use crate::api::Api;
 use crate::events::{self, StreamMeter, Usage};
+use crate::translate::unix_now;
 
 fn parse_api(name: &str, allow_embeddings: bool) -> PyResult<Api> {
     match Api::from_name(name) {
@@ -123,10 +124,29 @@ impl PyStreamMeter {
 #[pymethods]
 impl PyStreamMeter {
     #[new]
-    #[pyo3(signature = (api, model = "", strip_usage = false))]
-    fn new(api: &str, model: &str, strip_usage: bool) -> PyResult<Self> {
+    #[pyo3(signature = (api, model = "", strip_usage = false, translate_to = None))]
+    fn new(
+        api: &str,
+        model: &str,
+        strip_usage: bool,
+        translate_to: Option<&str>,
+    ) -> PyResult<Self> {
+        let upstream = parse_api(api, false)?;
+        let core = match translate_to.map(|c| parse_api(c, false)).transpose()? {
+            Some(client) if client != upstream => {
+                StreamMeter::translating(upstream, client, model, !strip_usage, unix_now())
+                    .ok_or_else(|| {
+                        PyValueError::new_err(format!(
+                            "no stream translation from {} to {}",
+                            upstream.name(),
+                            client.name()
+                        ))
+                    })?
+            }
+            _ => StreamMeter::new(upstream, model, strip_usage),
+        };
         Ok(PyStreamMeter {
-            core: StreamMeter::new(parse_api(api, false)?, model, strip_usage),
+            core,
             first_token_ns: None,
         })
     }
