@@ -140,7 +140,7 @@ def test_snapshot_reflects_sdk_traffic(
 
 
 @pytest.mark.xfail(
-    strict=True,
+    strict=False,  # a race: it passes when the upstream's end reaches the relay before the SDK hangs up
     reason="relay.py: the openai SDK closes the connection right after [DONE], before the relay has seen the "
     "upstream's end, and the finished stream is metered as client_disconnect (499)",
 )

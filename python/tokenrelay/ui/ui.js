@@ -29,7 +29,7 @@
     if (v === 0) return "$0";
     const a = Math.abs(v);
     if (a < 0.0001) return "<$0.0001";
-    if (a < 0.01) return "$" + v.toPrecision(2);
+    if (a < 0.01) return "$" + Number(v.toPrecision(2));
     if (a < 1) return "$" + v.toFixed(3);
     if (a < 1000) return "$" + v.toFixed(2);
     return "$" + num(v);
@@ -59,22 +59,21 @@
   function box(el) {
     return { w: Math.max(200, el.clientWidth), h: Math.max(120, el.clientHeight) };
   }
-  function niceMax(v) {
-    if (v <= 0) return 1;
+  function niceStep(v) {
     const p = Math.pow(10, Math.floor(Math.log10(v)));
-    for (const m of [1, 2, 2.5, 5, 10]) if (m * p >= v) return m * p;
+    for (const m of [1, 2, 5]) if (m * p >= v) return m * p;
     return 10 * p;
   }
   function rateChart(el, series) {
     const { w, h } = box(el);
     const L = 44, R = 8, T = 18, B = 20;
     const n = series.out.length;
-    const top = niceMax(Math.max(1, ...series.out, ...series.in));
+    const step = niceStep(Math.max(4, ...series.out, ...series.in) / 4);
+    const top = step * Math.ceil(Math.max(4, ...series.out, ...series.in) / step);
     const x = (i) => L + ((w - L - R) * i) / Math.max(1, n - 1);
     const y = (v) => T + (h - T - B) * (1 - v / top);
     let s = '<svg viewBox="0 0 ' + w + " " + h + '" role="img" aria-label="tokens per second">';
-    for (let k = 0; k <= 4; k++) {
-      const v = (top * k) / 4;
+    for (let v = 0; v <= top + step / 2; v += step) {
       s += '<line class="grid" x1="' + L + '" x2="' + (w - R) + '" y1="' + y(v) + '" y2="' + y(v) + '"/>';
       s += '<text x="' + (L - 6) + '" y="' + (y(v) + 4) + '" text-anchor="end">' + num(v) + "</text>";
     }
@@ -199,7 +198,7 @@
     emptyState(snap);
     rateChart($("c-rate"), snap.series);
     const b = snap.ttft_hist.bounds_ms;
-    const labels = b.map((v, i) => (i ? "≤" : "<") + (v >= 1000 ? v / 1000 + "s" : v + "ms")).concat([">" + b[b.length - 1] / 1000 + "s"]);
+    const labels = b.map((v, i) => (v >= 1000 ? v / 1000 + "s" : i ? String(v) : v + "ms")).concat(["more"]);
     barChart($("c-ttft"), labels, snap.ttft_hist.counts, num, "no streamed tokens yet");
     hbarChart($("c-cost"), c ? c.by_route : [], "no priced requests today");
     routesTable(snap.routes);
