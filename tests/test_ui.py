@@ -275,3 +275,25 @@ def test_token_rate_matches_a_naive_count(requests: list[tuple[int, float, float
     _, outs = rate.series(n, now)
     expected = [naive.get(s, 0.0) for s in range(int(now) - n + 1, int(now) + 1)]
     assert outs == pytest.approx(expected, abs=1e-6)
+
+
+def test_key_in_the_url_becomes_a_ui_cookie(daemon_factory: Callable[..., Daemon]) -> None:
+    """EventSource cannot send a bearer header: `GET /ui?key=...` leaves the key in a cookie scoped to /ui,
+    which the page's event stream then carries (and which an auth middleware reads via `ui_credential`)."""
+    d = daemon_factory(None)
+    with urllib.request.urlopen(f"{d.url}/ui?key=admin-secret", timeout=10) as response:
+        cookie = response.headers["set-cookie"]
+    assert cookie.startswith("tokenrelay_ui=admin-secret;")
+    assert "HttpOnly" in cookie and "Path=/ui" in cookie and "SameSite=Strict" in cookie
+    with urllib.request.urlopen(f"{d.url}/ui", timeout=10) as response:
+        assert response.headers["set-cookie"] is None
+
+
+def test_ui_credential_reads_query_then_cookie() -> None:
+    from aiohttp.test_utils import make_mocked_request
+    from tokenrelay.handlers.ui import ui_credential
+
+    assert ui_credential(make_mocked_request("GET", "/ui/events?key=abc")) == "abc"
+    cookie = make_mocked_request("GET", "/ui/events", headers={"cookie": "tokenrelay_ui=xyz"})
+    assert ui_credential(cookie) == "xyz"
+    assert ui_credential(make_mocked_request("GET", "/ui/events")) is None

@@ -157,7 +157,7 @@
   function recentTable(recent) {
     const html = recent.map((r) => {
       const who = [r.run, r.key].filter(Boolean).map(esc).join(" · ");
-      return '<tr data-seq="' + r.seq + '"' + (lastSeq && r.seq > lastSeq ? ' class="fresh"' : "") + ">" + td(clock(r.ts)) +
+      return '<tr data-seq="' + r.seq + '"' + (lastSeq && r.seq > lastSeq ? ' class="fresh"' : "") + ">" + td(clock(r.ts + r.duration_s)) +
         td(esc(r.route) + (r.deployment ? ' <span class="muted">→ ' + esc(r.deployment) + "</span>" : "")) +
         td(statusCell(r)) + td(num(r.input), 1) + td(num(r.output), 1) + td(secs(r.ttft_s), 1) +
         td(secs(r.duration_s), 1) + td(esc(usd(r.cost_usd)), 1) + td(who || '<span class="muted">–</span>') + "</tr>";
