@@ -16,7 +16,7 @@ from aiohttp import web
 
 from tokenrelay._core import Meters
 from tokenrelay.config import Config, with_builtin_routes
-from tokenrelay.handlers import admin, api, usage
+from tokenrelay.handlers import admin, api, ui, usage
 from tokenrelay.ledger import Ledger
 from tokenrelay.metering import Metering
 from tokenrelay.mock import MockProvider
@@ -67,6 +67,7 @@ def build_app(config: Config) -> web.Application:
     api.add_routes(app)
     admin.add_routes(app)
     usage.add_routes(app)
+    ui.add_routes(app)  # the live meters page under /ui (auth must cover /ui*)
     app.add_subapp("/_mock", MockProvider().app())
     return app
 

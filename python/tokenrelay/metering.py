@@ -12,6 +12,7 @@ import orjson
 
 from tokenrelay._core import Meters, Usage
 from tokenrelay.ledger import Ledger
+from tokenrelay.live import LiveStats
 from tokenrelay.pricing import Price, cost_usd, price_for, provider_from_url
 
 log = logging.getLogger("tokenrelay.requests")
@@ -102,6 +103,7 @@ class Metering:
         self.recorded = 0
         self._prices: dict[tuple[str, str], Price | None] = {}
         self.price_sources: dict[str, str] = {}  # deployment name -> its base URL (provider hint for prices)
+        self.live = LiveStats()  # the last minutes, for /ui
 
     def price(self, outcome: Outcome) -> Price | None:
         key = (outcome.deployment, outcome.model)
@@ -166,6 +168,7 @@ class Metering:
         )
         if self.ledger is not None:
             self.ledger.log_request(row)
+        self.live.add(row)
         if self.log_requests and log.isEnabledFor(logging.INFO):
             log.info("%s", orjson.dumps({**row, "usage": usage.to_dict() if usage is not None else None}).decode())
 
