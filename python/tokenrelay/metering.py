@@ -69,6 +69,7 @@ class Outcome:
     error_class: str = ""
     error_message: str = ""
     attempts: int = 0
+    delivered: bool = False  # the whole answer reached the client (a disconnect after that is no error)
     usage: Usage | None = None
     first_token_ns: int | None = None
     ended_ns: int = 0

@@ -251,7 +251,7 @@ class Relay:
         try:
             return await self._serve(call, route)
         except asyncio.CancelledError:
-            if not outcome.error_class:
+            if not outcome.error_class and not outcome.delivered:
                 outcome.fail(499, metering.CLIENT_DISCONNECT, "the client closed the connection")
             raise
         finally:
@@ -632,16 +632,22 @@ class Relay:
             elif not meter.done:
                 failure = "the upstream closed the stream before it finished"
         except _WRITE_ERRORS:
-            # The client went away: drop the upstream at once so it stops generating.
+            # The client went away: drop the upstream at once so it stops generating. (SDKs close the
+            # connection as soon as they read the end event: after it, that is a finished request.)
             upstream.close()
-            outcome.fail(499, metering.CLIENT_DISCONNECT, "the client closed the connection")
+            if not meter.done:
+                outcome.fail(499, metering.CLIENT_DISCONNECT, "the client closed the connection")
         except _READ_ERRORS as exc:
             failure = watchdog.describe() if watchdog.fired else f"the upstream stream broke: {exc}"
         except asyncio.CancelledError:
             upstream.close()
-            outcome.fail(499, metering.CLIENT_DISCONNECT, "the client closed the connection")
             outcome.usage = meter.finish(call.raw)
-            attempt.release(CANCELLED, outcome.usage)
+            if meter.done:
+                outcome.delivered = True
+                attempt.release(SUCCESS, outcome.usage)
+            else:
+                outcome.fail(499, metering.CLIENT_DISCONNECT, "the client closed the connection")
+                attempt.release(CANCELLED, outcome.usage)
             raise
         finally:
             watchdog.cancel()
@@ -665,7 +671,8 @@ class Relay:
             try:
                 await response.write_eof()
             except _WRITE_ERRORS:
-                outcome.fail(499, metering.CLIENT_DISCONNECT, "the client closed the connection")
+                if not meter.done:
+                    outcome.fail(499, metering.CLIENT_DISCONNECT, "the client closed the connection")
         return response
 
     async def _await_content(self, attempt: Attempt, response: web.StreamResponse) -> None:
