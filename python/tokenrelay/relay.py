@@ -368,7 +368,7 @@ class Relay:
             attempt.status = upstream.status
             if upstream.status >= 400:
                 await self._upstream_error(attempt, upstream)
-            elif call.stream and upstream.headers.get("content-type", "").startswith("text/event-stream"):
+            elif call.stream and _is_stream(upstream.headers.get("content-type", "")):
                 await self._open_stream(attempt, upstream, strip_usage)
             else:
                 await self._read_body(attempt, upstream)
@@ -501,6 +501,8 @@ class Relay:
         headers = response_headers(upstream.headers)
         headers["x-tokenrelay-deployment"] = attempt.deployment.name
         headers["cache-control"] = "no-cache"
+        if not headers.get("content-type", "").startswith("text/event-stream"):
+            headers["content-type"] = "text/event-stream"  # the upstream mislabelled its stream (text/plain...)
         response = web.StreamResponse(status=upstream.status, headers=headers)
         loop = asyncio.get_running_loop()
         reader = upstream.content
@@ -610,6 +612,13 @@ class Relay:
         _vocabulary_loaded = True
         call.outcome.usage = usage
         return usage
+
+
+def _is_stream(content_type: str) -> bool:
+    """Whether to read an answer to a streaming request as SSE: anything but JSON (a provider that ignored
+    `stream`). A mislabelled stream (text/plain) is still parsed; a body with no events at all (an HTML error page
+    sent with 200) ends before any content and fails over like any broken stream."""
+    return "json" not in content_type.split(";", 1)[0].lower()
 
 
 def client_identity(headers: Mapping[str, str]) -> str:
