@@ -90,13 +90,15 @@ class HostileUpstream:
 
         def run() -> None:
             loop = self._loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(loop)
             self._server = loop.run_until_complete(asyncio.start_server(self._on_connection, "127.0.0.1", 0))
             self.port = self._server.sockets[0].getsockname()[1]
             ready.set()
             loop.run_forever()
-            for task in self._tasks:
+            tasks = list(self._tasks)
+            for task in tasks:
                 task.cancel()
-            loop.run_until_complete(asyncio.gather(*self._tasks, return_exceptions=True))
+            loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
             self._server.close()
             loop.run_until_complete(self._server.wait_closed())
             loop.close()

@@ -86,7 +86,9 @@ class _Watchdog:
     """One timer per attempt for the first-token, idle and total timeouts: no per-chunk timer churn.
 
     The pump stores the time of each read in `last`; the timer wakes at most a few times per idle period, and
-    when a deadline has passed it closes the upstream response, which ends the read loop.
+    when a deadline has passed it closes the upstream response, which ends the read loop. Once the response is
+    committed it also watches the client: one that reads nothing for `write_timeout` (its transport's buffer
+    neither drains nor grows) is disconnected, so a write blocked on a full buffer cannot hang the handler.
     """
 
     def __init__(self, route: Route) -> None:
@@ -97,6 +99,11 @@ class _Watchdog:
         self.fired: str | None = None
         self.response: aiohttp.ClientResponse | None = None
         self.task: asyncio.Task[Any] | None = None
+        self.client: asyncio.Transport | None = None
+        self.write_timeout = 0.0
+        self._upstream_done = False
+        self._stall_since = 0.0
+        self._stall_size = 0
         self._handle = self.loop.call_at(self._deadline(), self._check)
 
     def _deadline(self) -> float:
@@ -106,9 +113,23 @@ class _Watchdog:
 
     def _check(self) -> None:
         now = self.loop.time()
+        if self.client is not None:
+            if self.client.is_closing():
+                return
+            if self._client_stalled(now):
+                self.fired = "client"
+                self.client.abort()  # cancels the handler (handler_cancellation): metered as client_disconnect
+                return
+            self._handle = self.loop.call_at(now + self.write_timeout / 4, self._check)
+        if self._upstream_done or self.fired is not None:
+            return
         deadline = self._deadline()
         if now < deadline:
-            self._handle = self.loop.call_at(deadline, self._check)
+            if self.client is None:
+                self._handle = self.loop.call_at(deadline, self._check)
+            elif deadline < now + self.write_timeout / 4:
+                self._handle.cancel()
+                self._handle = self.loop.call_at(deadline, self._check)
             return
         total = self.timeouts.total
         self.fired = (
@@ -119,11 +140,40 @@ class _Watchdog:
         elif self.task is not None:  # still connecting or waiting for headers
             self.task.cancel()
 
+    def _client_stalled(self, now: float) -> bool:
+        assert self.client is not None
+        size = self.client.get_write_buffer_size()
+        if size == 0 or size != self._stall_size:
+            self._stall_since, self._stall_size = now, size
+            return False
+        return now - self._stall_since >= self.write_timeout
+
+    def watch_client(self, transport: asyncio.Transport | None, write_timeout: float) -> None:
+        """From the commit on, also disconnect a client that reads nothing for `write_timeout` seconds; this
+        watch outlives `cancel()` (the final writes can stall too) until `unwatch_client()` or the connection
+        closes."""
+        if transport is None or transport.is_closing():
+            return
+        self.client, self.write_timeout = transport, write_timeout
+        self._handle.cancel()
+        self._handle = self.loop.call_at(self.loop.time(), self._check)
+
     def cancel(self) -> None:
+        """Stops the upstream deadlines (the client watch, if any, goes on)."""
+        self._upstream_done = True
+        if self.client is None:
+            self._handle.cancel()
+
+    def unwatch_client(self) -> None:
+        """The response is complete: stop every timer."""
+        self._upstream_done = True
+        self.client = None
         self._handle.cancel()
 
     def describe(self) -> str:
         t = self.timeouts
+        if self.fired == "client":
+            return f"the client read nothing for write_timeout_s ({self.write_timeout:g} s); disconnected"
         if self.fired == "total":
             return f"the request took longer than the route's total timeout ({t.total:g} s)"
         if self.fired == "first_token":
@@ -507,6 +557,7 @@ class Relay:
         loop = asyncio.get_running_loop()
         reader = upstream.content
         failure: str | None = None
+        watchdog.watch_client(call.request.transport, self.config.write_timeout_s)
         try:
             await response.prepare(call.request)
             write = response.write
@@ -537,7 +588,8 @@ class Relay:
             failure = watchdog.describe() if watchdog.fired else f"the upstream stream broke: {exc}"
         except asyncio.CancelledError:
             upstream.close()
-            outcome.fail(499, metering.CLIENT_DISCONNECT, "the client closed the connection")
+            why = watchdog.describe() if watchdog.fired == "client" else "the client closed the connection"
+            outcome.fail(499, metering.CLIENT_DISCONNECT, why)
             outcome.usage = meter.finish(call.raw)
             attempt.release(CANCELLED, outcome.usage)
             raise
@@ -564,6 +616,7 @@ class Relay:
                 await response.write_eof()
             except _WRITE_ERRORS:
                 outcome.fail(499, metering.CLIENT_DISCONNECT, "the client closed the connection")
+        watchdog.unwatch_client()
         return response
 
     async def _await_content(self, attempt: Attempt, response: web.StreamResponse) -> None:
