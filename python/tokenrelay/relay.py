@@ -30,7 +30,7 @@ from tokenrelay.errors import error_event, error_response
 from tokenrelay.metering import Metering, Outcome
 from tokenrelay.ratelimit import cooldown_from_headers
 from tokenrelay.routing import CANCELLED, FAILURE, RATE_LIMITED, SUCCESS, RoutePool
-from tokenrelay.upstream import response_headers, upstream_headers, upstream_url
+from tokenrelay.upstream import redact, redact_text, response_headers, upstream_headers, upstream_url
 
 log = logging.getLogger("tokenrelay.relay")
 
@@ -439,6 +439,7 @@ class Relay:
             data = b""
         finally:
             upstream.release()
+        data = redact(data, attempt.deployment)
         overloaded = b"overloaded" in data[:2048]
         passthrough = web.Response(status=status, body=data, headers=response_headers(upstream.headers))
         error_class = metering.error_class_for_status(status, upstream=True)
@@ -519,7 +520,7 @@ class Relay:
             raise _Retry(502, metering.UPSTREAM_ERROR, f"upstream stream failed before any content: {exc}") from exc
         if meter.error is not None and not meter.content_started:
             attempt.release(FAILURE)
-            message = meter.error.get("message", "")
+            message = redact_text(meter.error.get("message", ""), attempt.deployment)
             raise _Retry(502, metering.UPSTREAM_ERROR, f"upstream error before any content: {message}")
         if reader.at_eof() and not meter.done and not meter.content_started:
             attempt.release(FAILURE)
@@ -604,7 +605,8 @@ class Relay:
             with contextlib.suppress(*_WRITE_ERRORS):
                 await response.write(error_event(failure, call.api))
         elif meter.error is not None and not outcome.error_class:
-            outcome.fail(502, metering.UPSTREAM_ERROR, str(meter.error.get("message", "upstream error")))
+            message = redact_text(str(meter.error.get("message", "upstream error")), attempt.deployment)
+            outcome.fail(502, metering.UPSTREAM_ERROR, message)
         if outcome.first_token_ns is None and meter.first_token_ns is not None:
             outcome.first_token_ns = meter.first_token_ns
         if not outcome.error_class:
