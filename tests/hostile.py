@@ -156,7 +156,8 @@ Behaviour = Callable[[Request, asyncio.StreamWriter], Awaitable[None]]
 
 
 def _head(status: str = "200 OK", content_type: str = "text/event-stream", *extra: str, version: str = "1.1") -> bytes:
-    lines = [f"HTTP/{version} {status}", f"Content-Type: {content_type}", *extra]
+    # Connection: close, as the server closes after each answer (a pooled connection would be reset).
+    lines = [f"HTTP/{version} {status}", f"Content-Type: {content_type}", "Connection: close", *extra]
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
