@@ -10,7 +10,9 @@ use tokenrelay_core::events::StreamMeter;
 const APIS: [Api; 4] = [Api::Chat, Api::Completions, Api::Responses, Api::Messages];
 
 fuzz_target!(|input: &[u8]| {
-    let Some((&head, rest)) = input.split_first() else { return };
+    let Some((&head, rest)) = input.split_first() else {
+        return;
+    };
     let api = APIS[usize::from(head & 0x03)];
     let strip = head & 0x04 != 0;
     let limit = if head & 0x08 != 0 { 48 } else { 1 << 20 };
@@ -21,7 +23,10 @@ fuzz_target!(|input: &[u8]| {
         match meter.feed(chunk) {
             None => out.extend_from_slice(chunk),
             Some(bytes) => {
-                assert!(strip, "a meter that does not strip must forward every read unchanged");
+                assert!(
+                    strip,
+                    "a meter that does not strip must forward every read unchanged"
+                );
                 out.extend_from_slice(&bytes);
             }
         }
@@ -33,5 +38,11 @@ fuzz_target!(|input: &[u8]| {
         assert_eq!(out, rest);
     }
     let usage = meter.usage(Some(rest));
-    let _ = (usage, meter.events(), meter.malformed(), meter.done(), meter.error());
+    let _ = (
+        usage,
+        meter.events(),
+        meter.malformed(),
+        meter.done(),
+        meter.error(),
+    );
 });
