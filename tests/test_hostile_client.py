@@ -221,3 +221,18 @@ async def test_concurrent_requests_per_key_are_capped(relay: Daemon) -> None:
             assert r.status == 200  # the slots were given back
     greedy = records(relay, key_id=key_id("greedy"))
     assert sorted(r["error_class"] for r in greedy) == ["", "client_disconnect", "client_disconnect", "rate_limited"]
+
+
+def test_limit_keys_are_validated_with_their_key_path() -> None:
+    from tokenrelay.config import ConfigError, parse_config
+
+    config = parse_config({"body_timeout_s": 2, "write_timeout_s": 0.5, "max_connections_per_key": 8}, env={})
+    assert (config.body_timeout_s, config.write_timeout_s, config.max_connections_per_key) == (2.0, 0.5, 8)
+    assert parse_config({}, env={}).max_connections_per_key is None
+    with pytest.raises(ConfigError) as info:
+        parse_config({"body_timeout_s": 0, "write_timeout_s": "x", "max_connections_per_key": 0}, env={})
+    assert sorted(info.value.errors) == [
+        "body_timeout_s: must be greater than 0",
+        "max_connections_per_key: must be greater than 0",
+        "write_timeout_s: expected a number, got str 'x'",
+    ]
