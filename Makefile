@@ -47,5 +47,13 @@ fmt: ## format Rust and Python
 bench: install ## side-by-side benchmarks (see benches/README.md)
 	$(PY) benches/run.py $(ARGS)
 
+FUZZ_SECONDS ?= 300
+FUZZ_TARGETS ?= sse stream_meter decode_body
+fuzz: ## fuzz the SSE parser and event decoders with cargo-fuzz, FUZZ_SECONDS per target (see fuzz/README.md)
+	@command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz
+	cd fuzz && for t in $(FUZZ_TARGETS); do \
+		RUSTC_BOOTSTRAP=1 cargo fuzz run -O $$t -- -max_total_time=$(FUZZ_SECONDS) -max_len=8192 || exit 1; \
+	done
+
 clean: ## remove build outputs and the venv
 	rm -rf target $(VENV) python/tokenrelay/*.so

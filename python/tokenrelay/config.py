@@ -128,6 +128,12 @@ class Config:
     flush_interval_s: float = 1.0
     request_log_retention_days: float = 7.0
     shutdown_grace_s: float = 30.0
+    # Hostile clients: a request body must arrive within body_timeout_s (slowloris: 408); a client that reads
+    # nothing of its response for write_timeout_s is disconnected; at most max_connections_per_key requests in
+    # flight per client key (None: no cap; over it: 429).
+    body_timeout_s: float = 60.0
+    write_timeout_s: float = 120.0
+    max_connections_per_key: int | None = None
     source: str = "environment"
 
     def find_route(self, model: str) -> Route | None:
@@ -358,6 +364,9 @@ _TOP_KEYS = {
     "flush_interval_s",
     "request_log_retention_days",
     "shutdown_grace_s",
+    "body_timeout_s",
+    "write_timeout_s",
+    "max_connections_per_key",
     "routes",
     "mock",
 }
@@ -552,6 +561,9 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None, 
         flush_interval_s=c.get(data, "flush_interval_s", "", float, 1.0, _positive),
         request_log_retention_days=c.get(data, "request_log_retention_days", "", float, 7.0, _positive),
         shutdown_grace_s=c.get(data, "shutdown_grace_s", "", float, 30.0, _non_negative),
+        body_timeout_s=c.get(data, "body_timeout_s", "", float, 60.0, _positive),
+        write_timeout_s=c.get(data, "write_timeout_s", "", float, 120.0, _positive),
+        max_connections_per_key=c.get(data, "max_connections_per_key", "", (int, type(None)), None, _positive),
         source=source,
     )
     if c.errors:

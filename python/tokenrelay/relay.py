@@ -39,7 +39,7 @@ from tokenrelay.errors import error_event, error_response
 from tokenrelay.metering import Metering, Outcome
 from tokenrelay.ratelimit import cooldown_from_headers
 from tokenrelay.routing import CANCELLED, FAILURE, RATE_LIMITED, SUCCESS, RoutePool
-from tokenrelay.upstream import response_headers, upstream_headers, upstream_url
+from tokenrelay.upstream import redact, redact_text, response_headers, upstream_headers, upstream_url
 
 log = logging.getLogger("tokenrelay.relay")
 T = TypeVar("T")
@@ -103,7 +103,9 @@ class _Watchdog:
     """One timer per attempt for the first-token, idle and total timeouts: no per-chunk timer churn.
 
     The pump stores the time of each read in `last`; the timer wakes at most a few times per idle period, and
-    when a deadline has passed it closes the upstream response, which ends the read loop.
+    when a deadline has passed it closes the upstream response, which ends the read loop. Once the response is
+    committed it also watches the client: one that reads nothing for `write_timeout` (its transport's buffer
+    neither drains nor grows) is disconnected, so a write blocked on a full buffer cannot hang the handler.
     """
 
     def __init__(self, route: Route) -> None:
@@ -114,6 +116,11 @@ class _Watchdog:
         self.fired: str | None = None
         self.response: aiohttp.ClientResponse | None = None
         self.task: asyncio.Task[Any] | None = None
+        self.client: asyncio.Transport | None = None
+        self.write_timeout = 0.0
+        self._upstream_done = False
+        self._stall_since = 0.0
+        self._stall_size = 0
         self._handle = self.loop.call_at(self._deadline(), self._check)
 
     def _deadline(self) -> float:
@@ -123,9 +130,23 @@ class _Watchdog:
 
     def _check(self) -> None:
         now = self.loop.time()
+        if self.client is not None:
+            if self.client.is_closing():
+                return
+            if self._client_stalled(now):
+                self.fired = "client"
+                self.client.abort()  # cancels the handler (handler_cancellation): metered as client_disconnect
+                return
+            self._handle = self.loop.call_at(now + self.write_timeout / 4, self._check)
+        if self._upstream_done or self.fired is not None:
+            return
         deadline = self._deadline()
         if now < deadline:
-            self._handle = self.loop.call_at(deadline, self._check)
+            if self.client is None:
+                self._handle = self.loop.call_at(deadline, self._check)
+            elif deadline < now + self.write_timeout / 4:
+                self._handle.cancel()
+                self._handle = self.loop.call_at(deadline, self._check)
             return
         total = self.timeouts.total
         self.fired = (
@@ -136,11 +157,40 @@ class _Watchdog:
         elif self.task is not None:  # still connecting or waiting for headers
             self.task.cancel()
 
+    def _client_stalled(self, now: float) -> bool:
+        assert self.client is not None
+        size = self.client.get_write_buffer_size()
+        if size == 0 or size != self._stall_size:
+            self._stall_since, self._stall_size = now, size
+            return False
+        return now - self._stall_since >= self.write_timeout
+
+    def watch_client(self, transport: asyncio.Transport | None, write_timeout: float) -> None:
+        """From the commit on, also disconnect a client that reads nothing for `write_timeout` seconds; this
+        watch outlives `cancel()` (the final writes can stall too) until `unwatch_client()` or the connection
+        closes."""
+        if transport is None or transport.is_closing():
+            return
+        self.client, self.write_timeout = transport, write_timeout
+        self._handle.cancel()
+        self._handle = self.loop.call_at(self.loop.time(), self._check)
+
     def cancel(self) -> None:
+        """Stops the upstream deadlines (the client watch, if any, goes on)."""
+        self._upstream_done = True
+        if self.client is None:
+            self._handle.cancel()
+
+    def unwatch_client(self) -> None:
+        """The response is complete: stop every timer."""
+        self._upstream_done = True
+        self.client = None
         self._handle.cancel()
 
     def describe(self) -> str:
         t = self.timeouts
+        if self.fired == "client":
+            return f"the client read nothing for write_timeout_s ({self.write_timeout:g} s); disconnected"
         if self.fired == "total":
             return f"the request took longer than the route's total timeout ({t.total:g} s)"
         if self.fired == "first_token":
@@ -449,7 +499,7 @@ class Relay:
             attempt.status = upstream.status
             if upstream.status >= 400:
                 await self._upstream_error(attempt, upstream)
-            elif call.stream and upstream.headers.get("content-type", "").startswith("text/event-stream"):
+            elif call.stream and _is_stream(upstream.headers.get("content-type", "")):
                 await self._open_stream(attempt, upstream, strip_usage)
             else:
                 await self._read_body(attempt, upstream)
@@ -470,6 +520,7 @@ class Relay:
             data = b""
         finally:
             upstream.release()
+        data = redact(data, attempt.deployment)
         overloaded = b"overloaded" in data[:2048]
         if attempt.translated:
             data = translate_error(attempt.upstream_api, _error_format(attempt.call.api), status, data)
@@ -561,7 +612,7 @@ class Relay:
             raise _Retry(502, metering.UPSTREAM_ERROR, f"upstream stream failed before any content: {exc}") from exc
         if meter.error is not None and not meter.content_started:
             attempt.release(FAILURE)
-            message = meter.error.get("message", "")
+            message = redact_text(meter.error.get("message", ""), attempt.deployment)
             raise _Retry(502, metering.UPSTREAM_ERROR, f"upstream error before any content: {message}")
         if reader.at_eof() and not meter.done and not meter.content_started:
             attempt.release(FAILURE)
@@ -605,10 +656,13 @@ class Relay:
         headers = response_headers(upstream.headers)
         headers["x-tokenrelay-deployment"] = attempt.deployment.name
         headers["cache-control"] = "no-cache"
+        if not headers.get("content-type", "").startswith("text/event-stream"):
+            headers["content-type"] = "text/event-stream"  # the upstream mislabelled its stream (text/plain...)
         response = web.StreamResponse(status=upstream.status, headers=headers)
         loop = asyncio.get_running_loop()
         reader = upstream.content
         failure: str | None = None
+        watchdog.watch_client(call.request.transport, self.config.write_timeout_s)
         try:
             await response.prepare(call.request)
             write = response.write
@@ -646,7 +700,8 @@ class Relay:
                 outcome.delivered = True
                 attempt.release(SUCCESS, outcome.usage)
             else:
-                outcome.fail(499, metering.CLIENT_DISCONNECT, "the client closed the connection")
+                why = watchdog.describe() if watchdog.fired == "client" else "the client closed the connection"
+                outcome.fail(499, metering.CLIENT_DISCONNECT, why)
                 attempt.release(CANCELLED, outcome.usage)
             raise
         finally:
@@ -660,7 +715,8 @@ class Relay:
             with contextlib.suppress(*_WRITE_ERRORS):
                 await response.write(error_event(failure, call.api))
         elif meter.error is not None and not outcome.error_class:
-            outcome.fail(502, metering.UPSTREAM_ERROR, str(meter.error.get("message", "upstream error")))
+            message = redact_text(str(meter.error.get("message", "upstream error")), attempt.deployment)
+            outcome.fail(502, metering.UPSTREAM_ERROR, message)
         if outcome.first_token_ns is None and meter.first_token_ns is not None:
             outcome.first_token_ns = meter.first_token_ns
         if not outcome.error_class:
@@ -673,6 +729,7 @@ class Relay:
             except _WRITE_ERRORS:
                 if not meter.done:
                     outcome.fail(499, metering.CLIENT_DISCONNECT, "the client closed the connection")
+        watchdog.unwatch_client()
         return response
 
     async def _await_content(self, attempt: Attempt, response: web.StreamResponse) -> None:
@@ -730,6 +787,13 @@ def _label(value: str) -> str:
 def _error_format(api: str) -> str:
     """The API whose error shape a client of `api` parses."""
     return "messages" if api in ("messages", "count_tokens") else api
+
+
+def _is_stream(content_type: str) -> bool:
+    """Whether to read an answer to a streaming request as SSE: anything but JSON (a provider that ignored
+    `stream`). A mislabelled stream (text/plain) is still parsed; a body with no events at all (an HTML error page
+    sent with 200) ends before any content and fails over like any broken stream."""
+    return "json" not in content_type.split(";", 1)[0].lower()
 
 
 def client_identity(headers: Mapping[str, str]) -> str:

@@ -97,6 +97,24 @@ def upstream_headers(deployment: Deployment, client: Mapping[str, str], stream: 
     return headers
 
 
+REDACTED = "[redacted]"
+
+
+def redact(data: bytes, deployment: Deployment) -> bytes:
+    """An upstream's error body with the deployment's key removed (some providers echo the credentials they
+    were sent), before it reaches a client, an error message or a log line."""
+    key = deployment.api_key
+    if not key or key.encode() not in data:
+        return data
+    return data.replace(key.encode(), REDACTED.encode())
+
+
+def redact_text(text: str, deployment: Deployment) -> str:
+    """As `redact`, for a message already decoded."""
+    key = deployment.api_key
+    return text.replace(key, REDACTED) if key and key in text else text
+
+
 def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     """The upstream response's headers a client may see."""
     out: CIMultiDict[str] = CIMultiDict()

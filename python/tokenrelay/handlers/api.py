@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -19,6 +21,8 @@ from tokenrelay.state import RELAY
 MAX_RUN_ID = 128
 MAX_TAGS = 16
 MAX_TAG_LENGTH = 64
+# Requests in flight per client key id, for `max_connections_per_key`.
+IN_FLIGHT_BY_KEY: web.AppKey[collections.Counter[str]] = web.AppKey("in_flight_by_key")
 
 # api name -> upstream path under a deployment's base URL
 ENDPOINTS: dict[str, str] = {
@@ -74,6 +78,26 @@ def endpoint(api: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]
             relay.meter.record(outcome)
             return error_response(status, message, err_api, code=code, param=param)
 
+        cap = relay.config.max_connections_per_key
+        if cap is None:
+            return await serve(request, outcome, reject)
+        in_flight = request.app[IN_FLIGHT_BY_KEY]
+        key = outcome.key_id
+        if in_flight[key] >= cap:
+            message = f"this client key already has {cap} requests in flight (max_connections_per_key)"
+            outcome.fail(429, metering.RATE_LIMITED, message)
+            relay.meter.record(outcome)
+            return error_response(429, message, err_api, code="too_many_connections", headers={"retry-after": "1"})
+        in_flight[key] += 1
+        try:
+            return await serve(request, outcome, reject)
+        finally:
+            in_flight[key] -= 1
+            if not in_flight[key]:
+                del in_flight[key]
+
+    async def serve(request: web.Request, outcome: Outcome, reject: Callable[..., web.Response]) -> web.StreamResponse:
+        relay = request.app[RELAY]
         run = request.match_info.get("run") or request.headers.get("x-tokenrelay-run") or ""
         if len(run) > MAX_RUN_ID:
             return reject(400, f"the run id is longer than {MAX_RUN_ID} characters")
@@ -82,8 +106,15 @@ def endpoint(api: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]
         if tags is None:
             return reject(400, f"X-Tokenrelay-Tags allows at most {MAX_TAGS} tags of {MAX_TAG_LENGTH} characters")
         outcome.tags = tags
+        timeout = relay.config.body_timeout_s
         try:
-            raw = await request.read()
+            async with asyncio.timeout(timeout):
+                raw = await request.read()
+        except TimeoutError:
+            # A slowloris body: drop the connection too, the rest of the body may never come.
+            response = reject(408, f"the request body did not arrive within body_timeout_s ({timeout:g} s)")
+            response.force_close()
+            return response
         except web.HTTPRequestEntityTooLarge:
             limit = relay.config.max_body_bytes
             return reject(413, f"the request body is larger than the limit of {limit} bytes", "request_too_large")
@@ -124,6 +155,7 @@ def endpoint(api: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def add_routes(app: web.Application) -> None:
     """Registers the relayed APIs under /v1 and under the run-scoped prefix /run/{run}/v1."""
+    app[IN_FLIGHT_BY_KEY] = collections.Counter()
     for prefix in ("/v1", "/run/{run}/v1"):
         app.router.add_post(f"{prefix}/chat/completions", endpoint("chat"))
         app.router.add_post(f"{prefix}/completions", endpoint("completions"))
