@@ -44,6 +44,20 @@ class Timeouts:
 
 
 @dataclass(frozen=True)
+class Breaker:
+    """Passive circuit breaker per deployment: open after `failures` consecutive failures (or an error rate over
+    `error_rate` across at least `min_requests` in `window_s`), for `cooldown_s` doubling up to `max_cooldown_s`;
+    then one probe request (half-open)."""
+
+    failures: int = 3
+    error_rate: float = 0.5
+    window_s: float = 30.0
+    min_requests: int = 10
+    cooldown_s: float = 10.0
+    max_cooldown_s: float = 120.0
+
+
+@dataclass(frozen=True)
 class Deployment:
     """One upstream endpoint: where to connect, which model to ask for, with which key and limits."""
 
@@ -81,6 +95,7 @@ class Route:
     strategy: str = "p2c"
     fallbacks: tuple[str, ...] = ()
     timeouts: Timeouts = field(default_factory=Timeouts)
+    breaker: Breaker = field(default_factory=Breaker)
     max_attempts: int = 3
     retry_budget_s: float = 60.0
     queue_timeout_s: float = 10.0
@@ -303,6 +318,10 @@ def _non_negative(value: float) -> str | None:
     return None if value >= 0 else "must not be negative"
 
 
+def _fraction(value: float) -> str | None:
+    return None if 0 < value <= 1 else "must be in (0, 1]"
+
+
 def _url(value: str) -> str | None:
     if not value.startswith(("http://", "https://")):
         return "must be an http:// or https:// URL"
@@ -344,6 +363,7 @@ _ROUTE_KEYS = {
     "deployments",
     "fallbacks",
     "timeouts",
+    "breaker",
     "max_attempts",
     "retry_budget_s",
     "queue_timeout_s",
@@ -354,6 +374,7 @@ _ROUTE_KEYS = {
     "drop_unsupported",
 }
 _TIMEOUT_KEYS = {"connect", "first_token", "idle", "total"}
+_BREAKER_KEYS = {"failures", "error_rate", "window_s", "min_requests", "cooldown_s", "max_cooldown_s"}
 _DEPLOYMENT_KEYS = {
     "name",
     "kind",
@@ -458,6 +479,17 @@ def _parse_route(c: _Checker, name: str, raw: object, path: str) -> Route | None
         idle=c.get(ttable, "idle", tpath, float, 300.0, _positive),
         total=c.get(ttable, "total", tpath, (float, type(None)), None, _positive),
     )
+    btable = c.get(table, "breaker", path, dict, {})
+    bpath = _join(path, "breaker")
+    c.unknown(btable, _BREAKER_KEYS, bpath)
+    breaker = Breaker(
+        failures=c.get(btable, "failures", bpath, int, 3, _positive),
+        error_rate=c.get(btable, "error_rate", bpath, float, 0.5, _fraction),
+        window_s=c.get(btable, "window_s", bpath, float, 30.0, _positive),
+        min_requests=c.get(btable, "min_requests", bpath, int, 10, _positive),
+        cooldown_s=c.get(btable, "cooldown_s", bpath, float, 10.0, _positive),
+        max_cooldown_s=c.get(btable, "max_cooldown_s", bpath, float, 120.0, _positive),
+    )
     hedge_after = c.get(table, "hedge_after", path, str, "")
     if hedge_after and hedge_after != "p95":
         c.error(_join(path, "hedge_after"), 'must be "p95" (or use hedge_after_ms for a fixed delay)')
@@ -467,6 +499,7 @@ def _parse_route(c: _Checker, name: str, raw: object, path: str) -> Route | None
         strategy=strategy,
         fallbacks=tuple(f for f in fallbacks if isinstance(f, str)),
         timeouts=timeouts,
+        breaker=breaker,
         max_attempts=c.get(table, "max_attempts", path, int, 3, _positive),
         retry_budget_s=c.get(table, "retry_budget_s", path, float, 60.0, _positive),
         queue_timeout_s=c.get(table, "queue_timeout_s", path, float, 10.0, _non_negative),

@@ -152,7 +152,7 @@ class MockProvider:
         if not isinstance(body, dict):
             return web.json_response({"error": {"message": "expected an object"}}, status=400)
         self.stats.requests += 1
-        self.last_request = {"api": api, "headers": dict(request.headers), "body": body, "path": request.path}
+        self.last_request = {"api": api, "headers": {str(k): v for k, v in request.headers.items()}, "body": body, "path": request.path}
         b = self._for_request(body)
         if b.slow_tail_every and self.stats.requests % b.slow_tail_every == 0:
             b = replace(b, first_token_ms=b.first_token_ms + b.slow_tail_ms)

@@ -44,6 +44,8 @@ DEFAULT_COOLDOWN_S = 5.0
 # error before any content can still fail over; after that the client gets them (and keep-alive comments).
 MAX_HOLD_S = 10.0
 KEEPALIVE_COMMENT = b": keep-alive\n\n"
+# Vocabularies are loaded lazily (they cost ~50 MB each), so a daemon whose upstreams all report usage never pays.
+_vocabulary_loaded = False
 _WRITE_ERRORS = (ConnectionError, aiohttp.ClientConnectionResetError)
 _READ_ERRORS = (aiohttp.ClientError, ConnectionError)
 
@@ -590,8 +592,13 @@ class Relay:
 
     async def _finish_usage(self, meter: StreamMeter, call: Call) -> Usage:
         """The request's usage; counting large texts happens in a thread so the event loop never waits on it."""
-        if meter.estimate_bytes > ESTIMATE_INLINE_BYTES:
-            return await asyncio.get_running_loop().run_in_executor(None, meter.finish, call.raw)
+        global _vocabulary_loaded
+        pending = meter.estimate_bytes
+        # The first count loads a BPE vocabulary (~50-100 ms): that too happens off the loop.
+        if pending > ESTIMATE_INLINE_BYTES or (pending and not _vocabulary_loaded):
+            usage = await asyncio.get_running_loop().run_in_executor(None, meter.finish, call.raw)
+            _vocabulary_loaded = True
+            return usage
         return meter.finish(call.raw)
 
 

@@ -1,0 +1,123 @@
+"""Type stubs for the Rust extension `tokenrelay._core` (one section per module)."""
+
+from typing import Literal, Self, final
+
+__version__: str
+
+# --- stream ---
+
+_Source = Literal["reported", "estimated"]
+
+@final
+class Usage:
+    """Normalised usage of one request (frozen).
+
+    `input` is ALL input tokens processed, cache reads and writes included (OpenAI `prompt_tokens` semantics;
+    Anthropic `input_tokens + cache_read_input_tokens + cache_creation_input_tokens`); `cached_input` the part
+    read from cache; `cache_write` the part written to cache; `output` all output tokens, reasoning included;
+    `reasoning` the reasoning part of `output`. Each has a source: "reported" by the provider or "estimated"
+    locally. A detail missing from a reported usage is 0 with its parent's source (reasoning is estimated
+    from streamed reasoning text instead, when there was some).
+    """
+
+    @property
+    def input(self) -> int: ...
+    @property
+    def output(self) -> int: ...
+    @property
+    def cached_input(self) -> int: ...
+    @property
+    def cache_write(self) -> int: ...
+    @property
+    def reasoning(self) -> int: ...
+    @property
+    def input_source(self) -> _Source: ...
+    @property
+    def output_source(self) -> _Source: ...
+    @property
+    def cached_input_source(self) -> _Source: ...
+    @property
+    def cache_write_source(self) -> _Source: ...
+    @property
+    def reasoning_source(self) -> _Source: ...
+    def to_dict(self) -> dict[str, int | str]:
+        """All ten fields."""
+
+@final
+class StreamMeter:
+    """Meters one streamed response: SSE split, usage/delta extraction. Feed every raw upstream read in order.
+
+    `api`: "chat" | "completions" | "responses" | "messages" (ValueError otherwise). `model` picks the
+    encoding for estimates (empty: the model the stream names). `strip_usage` (chat/completions only, ignored
+    otherwise): remove usage-only chunks (`choices == []` with `usage`), for clients that did not ask for
+    `stream_options.include_usage` when the proxy injected it.
+    """
+
+    def __new__(cls, api: str, model: str = "", strip_usage: bool = False) -> Self: ...
+    def feed(self, chunk: bytes) -> bytes | None:
+        """Parse one raw read (holds the GIL; short).
+
+        None: forward `chunk` unchanged (the fast path, no copy). Otherwise forward the returned bytes
+        instead (possibly b""). With strip_usage only whole events are forwarded and an incomplete tail is
+        held back until completed (at most one event's size limit, 16 MiB); without it, always None.
+        """
+    def flush(self) -> bytes:
+        """End of stream: the held-back bytes to forward (b"" normally). Meters an unterminated last event."""
+    def finish(self, request_body: bytes | None = None) -> Usage:
+        """Usage of the whole request, estimating what the provider did not report (GIL released).
+
+        Call flush() first when strip_usage is on; input is estimated from `request_body` when not reported.
+        """
+    @property
+    def api(self) -> str: ...
+    @property
+    def content_started(self) -> bool:
+        """The first output token (text, tool call, refusal or reasoning) was seen."""
+    @property
+    def events(self) -> int:
+        """SSE events dispatched so far."""
+    @property
+    def malformed(self) -> int:
+        """Events that could not be decoded (bad JSON, unknown event type, over the size limit)."""
+    @property
+    def oversized(self) -> int:
+        """Events discarded for exceeding the 16 MiB size limit (also counted in `malformed`)."""
+    @property
+    def done(self) -> bool:
+        """`[DONE]`, `message_stop` or `response.completed|incomplete|failed` was seen."""
+    @property
+    def finish_reason(self) -> str | None:
+        """finish_reason (chat/completions), stop_reason (messages) or response status (responses)."""
+    @property
+    def error(self) -> dict[str, str] | None:
+        """{"type": ..., "message": ...} of the first in-stream error event."""
+    @property
+    def estimate_bytes(self) -> int:
+        """Bytes of text finish() would tokenize (0 if all usage was reported); if large, use a thread."""
+    @property
+    def first_token_ns(self) -> int | None:
+        """time.monotonic_ns() when the read that carried the first content token was fed."""
+
+def decode_body(api: str, body: bytes, model: str = "", request_body: bytes | None = None) -> Usage:
+    """Usage of a non-streaming JSON body; `api` also accepts "embeddings". Bad JSON: all estimated."""
+
+# --- tokens ---
+def count_tokens(text: str, encoding: str = "o200k_base") -> int:
+    """Tokens in `text`, exactly as tiktoken's encode_ordinary counts them (special tokens are plain text).
+
+    Releases the GIL for texts above 4 KiB. Raises ValueError for an encoding other than
+    "o200k_base" / "cl100k_base".
+    """
+
+def encoding_for_model(model: str) -> tuple[str, bool]:
+    """(encoding name, known): known is False when the model's tokenizer is not public (a guess)."""
+
+def estimate_input_tokens(api: str, body: bytes, model: str = "") -> int:
+    """Estimated input tokens of a request body; api is "chat", "completions", "responses", "messages" or
+    "embeddings" (ValueError otherwise). Never fails on a malformed body. Releases the GIL."""
+
+def preload_encoding(encoding: str = "o200k_base") -> None:
+    """Load an encoding now (about 50 ms, once per process) instead of on the first count."""
+
+def tiktoken_vocabulary(encoding: str) -> bytes:
+    """The vocabulary in tiktoken's .tiktoken file format (byte-identical to OpenAI's published file)."""

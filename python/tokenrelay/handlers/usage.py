@@ -1,0 +1,85 @@
+"""Reading the meters over HTTP: `/usage` (JSON or CSV), `/usage/requests`, and `/metrics` (Prometheus)."""
+
+from __future__ import annotations
+
+import csv
+import io
+from typing import Any
+
+from aiohttp import web
+
+from tokenrelay import ledger
+from tokenrelay.errors import error_response
+from tokenrelay.state import RELAY
+
+GROUPS = ("route", "deployment", "key", "run", "model", "tag", "minute", "hour", "day")
+
+
+def _flatten(row: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in row.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{name}_"))
+        elif isinstance(value, list):
+            out[name] = ";".join(str(v) for v in value)
+        else:
+            out[name] = value
+    return out
+
+
+def rows_to_csv(rows: list[dict[str, Any]]) -> str:
+    flat = [_flatten(r) for r in rows]
+    columns: list[str] = []
+    for row in flat:
+        columns.extend(k for k in row if k not in columns)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(flat)
+    return buffer.getvalue()
+
+
+async def usage(request: web.Request) -> web.StreamResponse:
+    relay = request.app[RELAY]
+    q = request.query
+    try:
+        since = ledger.parse_since(q["since"]) if "since" in q else None
+        until = ledger.parse_since(q["until"]) if "until" in q else None
+    except ValueError as exc:
+        return error_response(400, str(exc))
+    group_by = [g for g in q.get("group_by", "").split(",") if g]
+    unknown = [g for g in group_by if g not in GROUPS]
+    if unknown:
+        return error_response(400, f"unknown group_by {unknown}; choose from {', '.join(GROUPS)}")
+    scope = request.get("key_scope")  # a client key reads only its own usage (set by the auth middleware)
+    await relay.flush()
+    result = await relay.run_in_ledger(ledger.query_usage, relay.db_path, since, until, group_by, scope)
+    if q.get("format") == "csv":
+        return web.Response(text=rows_to_csv(result["rows"]), content_type="text/csv")
+    return web.json_response(result)
+
+
+async def recent(request: web.Request) -> web.Response:
+    relay = request.app[RELAY]
+    try:
+        limit = max(1, min(1000, int(request.query.get("limit", "50"))))
+    except ValueError:
+        return error_response(400, "limit must be an integer")
+    await relay.flush()
+    rows = await relay.run_in_ledger(
+        ledger.recent_requests, relay.db_path, limit, request.query.get("run"), request.get("key_scope")
+    )
+    return web.json_response({"requests": rows})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    relay = request.app[RELAY]
+    return web.Response(text=relay.prometheus(), content_type="text/plain", charset="utf-8",
+                        headers={"content-type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/usage", usage)
+    app.router.add_get("/usage/requests", recent)
+    app.router.add_get("/metrics", metrics)
