@@ -152,12 +152,14 @@ SSE_HEAD = (
 
 class Server(asyncio.Protocol):
     behaviour: Behaviour
+    open_streams = 0  # streamed answers started and not yet finished (GET /_control reports it)
 
     def __init__(self) -> None:
         self.buf = bytearray()
         self.transport: asyncio.Transport | None = None
         self.busy = False
         self.timer: asyncio.TimerHandle | None = None
+        self.streaming = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -169,6 +171,9 @@ class Server(asyncio.Protocol):
         self.transport = None
         if self.timer is not None:
             self.timer.cancel()
+        if self.streaming:
+            self.streaming = False
+            Server.open_streams -= 1
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
@@ -202,6 +207,9 @@ class Server(asyncio.Protocol):
         self._done()
 
     def _done(self) -> None:
+        if self.streaming:
+            self.streaming = False
+            Server.open_streams -= 1
         self.busy = False
         if self.buf:
             self._next()
@@ -214,7 +222,7 @@ class Server(asyncio.Protocol):
                 for key in ("tokens", "delay_ms", "first_token_ms", "usage"):
                     if key in changes:
                         setattr(b, key, type(getattr(b, key))(changes[key]))
-            self._send_json(200, orjson.dumps(vars(b)))
+            self._send_json(200, orjson.dumps({**vars(b), "open_streams": Server.open_streams}))
             return
         if path.endswith(b"/models"):
             self._send_json(200, b'{"object":"list","data":[{"id":"mock-gpt","object":"model","owned_by":"mock"}]}')
@@ -235,6 +243,8 @@ class Server(asyncio.Protocol):
         if self.transport is None:
             return
         self.transport.write(SSE_HEAD + chunk(b"".join(head)))
+        self.streaming = True
+        Server.open_streams += 1
         pending = [chunk(d) for d in deltas]
         pending.reverse()
         last = chunk(b"".join(tail)) + b"0\r\n\r\n"

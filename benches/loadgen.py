@@ -23,6 +23,7 @@ import re
 import socket
 import sys
 import time
+import urllib.request
 from typing import Any
 
 import orjson
@@ -299,7 +300,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     results: list[Result] = []
     loop = asyncio.get_running_loop()
     t0 = now()
-    deadline = t0 + args.timeout_s
+    deadline = t0 + (min(args.cut_s, args.timeout_s) if args.cut_s else args.timeout_s)
     n = len(conns)
     all_sent = asyncio.Event()
     sent = 0
@@ -326,7 +327,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 res = await asyncio.wait_for(fut, timeout=max(0.01, deadline - now()))
             except TimeoutError:
                 res = conn.result
-                res.error = res.error or "timeout"
+                res.error = res.error or ("cut" if args.cut_s else "timeout")
                 results.append(res)
                 if conn.transport is not None:
                     conn.transport.abort()
@@ -356,7 +357,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         for delay in args.sample_after_s:
             await asyncio.sleep(max(0.0, t_sent + delay - now()))
             open_heads = sum(1 for c in conns if c is not None and not c.in_head)
-            samples.append({"after_s": delay, "rss_kb": rss_kb(args.sample_pids), "answers_started": open_heads})
+            sample: dict[str, Any] = {"after_s": delay, "rss_kb": rss_kb(args.sample_pids), "answers_started": open_heads}
+            if args.sample_url:
+                try:
+                    with urllib.request.urlopen(args.sample_url, timeout=2) as r:  # noqa: ASYNC210
+                        sample["upstream"] = orjson.loads(r.read())
+                except OSError as exc:
+                    sample["upstream"] = {"error": str(exc)}
+            samples.append(sample)
 
     tasks = [loop.create_task(drive(i, c)) for i, c in enumerate(conns)]
     sample_task = loop.create_task(sampler()) if args.sample_pids else None
@@ -371,11 +379,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             c.transport.close()
     wall = t_end - t0
     ok = [r for r in results if not r.error]
-    errors = [r.error for r in results if r.error] + connect_errors
+    cut = [r for r in results if r.error == "cut"]
+    errors = [r.error for r in results if r.error and r.error != "cut"] + connect_errors
     gaps: list[float] = []
     for r in ok:
         gaps.extend(r.gaps)
-    events = sum(r.events for r in results)
+    events = sum(r.events for r in results)  # cut answers' events count too: they were received
     late_limit = (args.pace_ms + args.late_ms) / 1000 if args.pace_ms else None
     late_streams = sum(1 for r in ok if late_limit is not None and r.gaps and max(r.gaps) > late_limit)
     late_first = sum(
@@ -391,6 +400,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "answers": len(results),
         "ok": len(ok),
         "errors": len(errors),
+        "cut": len(cut),
         "error_samples": sorted(set(errors))[:5],
         "events": events,
         "events_per_s": events / wall if wall > 0 else 0.0,
@@ -425,6 +435,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--late-ms", type=float, default=100.0, help="a chunk is late this long beyond its pace")
     p.add_argument("--sample-pids", type=int, nargs="*", default=[])
     p.add_argument("--sample-after-s", type=float, nargs="*", default=[2.0])
+    p.add_argument("--sample-url", default="", help="GET this (JSON) with each sample, e.g. the mock's /_control")
+    p.add_argument("--cut-s", type=float, default=0.0, help="stop after this long; unfinished answers count as cut")
     p.add_argument("--out", default="")
     args = p.parse_args(argv)
     if not args.body and not args.body_file:

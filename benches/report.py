@@ -34,7 +34,8 @@ def total_errors(records: list[Rec], target: str, scenario: str, level: int | No
           and (level is None or r.get("level") == level)]
     if not rs:
         return None
-    return sum(int(r.get("errors", 0)) for r in rs) + sum(1 for r in rs if "failed" in r)
+    cut = 0 if scenario == "unpaced" else sum(int(r.get("cut", 0)) for r in rs)  # unfinished when the run was cut
+    return sum(int(r.get("errors", 0)) for r in rs) + cut + sum(1 for r in rs if "failed" in r)
 
 
 def f(x: float | None, digits: int = 2, sign: bool = False) -> str:
@@ -138,8 +139,9 @@ def markdown(meta: dict[str, Any], records: list[Rec], names: list[str]) -> str:
         w(f"### Many idle streams ({lv} open streams waiting for their first token)\n")
         w("RSS of the proxy's processes (VmRSS, all processes of the target): per open stream = (during − before) "
           "/ streams; baseline = after start-up and warm-up, per process.\n")
-        w("| target | RSS per open stream KB | RSS before MB | RSS during MB | baseline MB per process | errors |")
-        w("|---|---:|---:|---:|---|---:|")
+        w("| target | RSS per open stream KB | streams open upstream | RSS before MB | RSS during MB | "
+          "baseline MB per process | errors |")
+        w("|---|---:|---:|---:|---:|---|---:|")
         for t in proxies:
             per = median_of(records, t, "idle", lv, lambda r: r.get("rss_per_stream_kb"))
             before = median_of(records, t, "idle", lv, lambda r: r.get("rss_before_kb"))
@@ -149,7 +151,8 @@ def markdown(meta: dict[str, Any], records: list[Rec], names: list[str]) -> str:
             if base:
                 procs = sorted(base[0].values(), reverse=True)
                 base_s = ", ".join(f"{kb / 1024:.0f}" for kb in procs)
-            w(f"| {t} | {f(per, 1)} | {f(before / 1024 if before else None, 0)} | "
+            up = median_of(records, t, "idle", lv, lambda r: r.get("upstream_open"))
+            w(f"| {t} | {f(per, 1)} | {f(up, 0)} | {f(before / 1024 if before else None, 0)} | "
               f"{f(during / 1024 if during else None, 0)} | {base_s} | {total_errors(records, t, 'idle', lv)} |")
         w("")
 
@@ -166,6 +169,8 @@ def markdown(meta: dict[str, Any], records: list[Rec], names: list[str]) -> str:
                 w(f"| {t} | {caps[t]['level']} | {caps[t]['tried_up_to']} |")
         w("")
 
+    w("Errors include answers still unfinished when a run was cut (paced: ramp + 15 s; idle: hold + 10 s); unpaced "
+      "runs are cut at 10 s and their events/s counts what arrived by then.\n")
     w("### Targets (issue #7): where they stand\n")
     w("| target | where it stands |")
     w("|---|---|")
