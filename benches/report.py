@@ -77,7 +77,8 @@ def markdown(meta: dict[str, Any], records: list[Rec], names: list[str]) -> str:
         if not levels(records, sc):
             continue
         w(f"### {title}\n")
-        w("Added over direct (same run): TTFT p50 / p99 and inter-chunk gap p99, in ms; in brackets the same "
+        w("Each connection streams 2 answers back to back, first requests spread over 1.3 s (one answer's life). "
+          "Added over direct (same run): TTFT p50 / p99 and inter-chunk gap p99, in ms; in brackets the same "
           "over nginx-w1. Errors summed over rounds.\n")
         w("| streams | target | TTFT p50 | TTFT p99 | added TTFT p50 | added TTFT p99 | added gap p99 | "
           "proxy CPU s / 1M events | errors |")
@@ -159,7 +160,7 @@ def markdown(meta: dict[str, Any], records: list[Rec], names: list[str]) -> str:
     caps = {r["target"]: r for r in records if r["scenario"] == "capacity-max"}
     if caps:
         w("### Largest paced load sustained\n")
-        w("Paced streams (64 deltas at 20 ms) with no error, no chunk more than 100 ms beyond its pace and no first "
+        w("Paced streams (64 deltas at 20 ms, 3 answers per connection, starts spread over 1.3 s) with no error, no chunk more than 100 ms beyond its pace and no first "
           "token later than 100 ms; levels tried in order, stopping at the first miss. `direct` is the rig's own "
           "ceiling: a proxy cannot be shown above it.\n")
         w("| target | sustained streams | levels tried up to |")

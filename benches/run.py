@@ -434,7 +434,7 @@ class Plan:
     rounds: int
 
 
-FULL = Plan([64, 256, 1024], 32, 2000, 3000, 8.0, 32, 4.0, 256, [512, 1024, 1536, 2048, 3072, 4096], 3)
+FULL = Plan([64, 256, 1024], 32, 2000, 3000, 8.0, 32, 3.0, 256, [512, 1024, 1536, 2048, 3072, 4096], 3)
 QUICK = Plan([64, 256], 16, 1000, 1000, 6.0, 32, 2.0, 256, [512, 1024, 2048], 1)
 
 
@@ -488,7 +488,9 @@ class Bench:
         self.records.append({"target": target, "scenario": scenario, "level": level, "round": rnd, **res})
 
     # each scenario: configure the mock, run the load generator, keep the summary
-    def paced(self, t: str, run: Running, rnd: int, level: int, path: str = "", scenario: str = "paced") -> dict[str, Any]:
+    def paced(
+        self, t: str, run: Running, rnd: int, level: int, path: str = "", scenario: str = "paced", requests: int = 2
+    ) -> dict[str, Any]:
         self.mock(tokens=64, delay_ms=20.0, first_token_ms=0.0)
         anthropic = scenario == "anthropic"
         res = self.loadgen(
@@ -497,8 +499,10 @@ class Bench:
             path=path or ("/v1/messages" if anthropic else "/v1/chat/completions"),
             body=ANTHROPIC_BODY if anthropic else OPENAI_BODY,
             extra=[
-                "--mode", "stream", "--streams", str(level), "--ramp-ms", str(max(200, level)), "--pace-ms", "20",
-                "--cut-s", str(max(200, level) / 1000 + 15),
+                # Starts spread over one stream's life (~1.3 s) and `requests` answers per connection: the
+                # arrival rate of a steady load of `level` concurrent streams, not a single burst.
+                "--mode", "stream", "--streams", str(level), "--ramp-ms", "1300", "--pace-ms", "20",
+                "--requests", str(requests), "--cut-s", str(1.3 * (requests + 1) + 15),
             ],
             timeout_s=30 + level / 100,
         )
@@ -577,7 +581,7 @@ class Bench:
         for level in plan.capacity_levels:
             if time.monotonic() > deadline:
                 break
-            res = self.paced(t, run, 0, level, scenario="capacity")
+            res = self.paced(t, run, 0, level, scenario="capacity", requests=3)
             ok = res["errors"] == 0 and res["cut"] == 0 and res["late_streams"] == 0 and res["late_first"] == 0
             log(f"  capacity {t} {level}: {'ok' if ok else 'MISSED'} (late {res['late_streams']}, "
                 f"late first {res['late_first']}, errors {res['errors']}, cut {res['cut']}, gap max {res['gap_ms']['max']:.0f} ms)")
