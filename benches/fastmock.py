@@ -23,10 +23,11 @@ from typing import Any
 
 import orjson
 
-WORDS = (
-    "the quick brown fox jumps over a lazy dog while agents stream tokens through a relay that meters every one "
-    "of them and balances load across many deployments without dropping a byte"
-).split()
+TEXT = (
+    "the quick brown fox jumps over a lazy dog while agents stream tokens through a relay that meters every one of "
+    "them and balances load across many deployments without dropping a byte"
+)
+WORDS = TEXT.split()
 IDS = itertools.count(1)
 
 

@@ -16,8 +16,8 @@ for `--duration-s`), `idle` (N streams held open; samples the RSS of `--sample-p
 from __future__ import annotations
 
 import argparse
-import gc
 import asyncio
+import gc
 import os
 import re
 import socket
@@ -357,7 +357,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         for delay in args.sample_after_s:
             await asyncio.sleep(max(0.0, t_sent + delay - now()))
             open_heads = sum(1 for c in conns if c is not None and not c.in_head)
-            sample: dict[str, Any] = {"after_s": delay, "rss_kb": rss_kb(args.sample_pids), "answers_started": open_heads}
+            sample: dict[str, Any] = {
+                "after_s": delay,
+                "rss_kb": rss_kb(args.sample_pids),
+                "answers_started": open_heads,
+            }
             if args.sample_url:
                 try:
                     with urllib.request.urlopen(args.sample_url, timeout=2) as r:  # noqa: ASYNC210

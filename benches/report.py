@@ -18,11 +18,15 @@ def _num(x: Any) -> float | None:
     return float(x) if isinstance(x, int | float) and x == x else None
 
 
-def median_of(records: list[Rec], target: str, scenario: str, level: int | None, get: Callable[[Rec], Any]) -> float | None:
+def median_of(
+    records: list[Rec], target: str, scenario: str, level: int | None, get: Callable[[Rec], Any]
+) -> float | None:
     vals = [
         _num(get(r))
         for r in records
-        if r["target"] == target and r["scenario"] == scenario and (level is None or r.get("level") == level)
+        if r["target"] == target
+        and r["scenario"] == scenario
+        and (level is None or r.get("level") == level)
         and "failed" not in r
     ]
     v = [x for x in vals if x is not None]
@@ -30,8 +34,11 @@ def median_of(records: list[Rec], target: str, scenario: str, level: int | None,
 
 
 def total_errors(records: list[Rec], target: str, scenario: str, level: int | None = None) -> int | None:
-    rs = [r for r in records if r["target"] == target and r["scenario"] == scenario
-          and (level is None or r.get("level") == level)]
+    rs = [
+        r
+        for r in records
+        if r["target"] == target and r["scenario"] == scenario and (level is None or r.get("level") == level)
+    ]
     if not rs:
         return None
     cut = 0 if scenario == "unpaced" else sum(int(r.get("cut", 0)) for r in rs)  # unfinished when the run was cut
@@ -59,9 +66,11 @@ def markdown(meta: dict[str, Any], records: list[Rec], names: list[str]) -> str:
     w = out.append
     w(f"Run: `{meta['command']}` — {meta['date']}, {meta['elapsed_s'] / 60:.1f} min.  ")
     w(f"Machine: {meta['machine']}.  ")
-    w(f"nginx {meta.get('nginx_version') or '?'}, LiteLLM {meta['litellm_version']}, mock: `{meta['mock']}`; "
-      f"medians over {meta['plan']['rounds']} round(s). Proxies with one worker pinned to core 1, rig (mock + "
-      "load generator) to core 0; two-worker proxies on both cores. tokenrelay at log level warning.")
+    w(
+        f"nginx {meta.get('nginx_version') or '?'}, LiteLLM {meta['litellm_version']}, mock: `{meta['mock']}`; "
+        f"medians over {meta['plan']['rounds']} round(s). Proxies with one worker pinned to core 1, rig (mock + "
+        "load generator) to core 0; two-worker proxies on both cores. tokenrelay at log level warning."
+    )
     for name, why in meta.get("skipped", {}).items():
         w(f"\n**{name} skipped:** {why}")
     w("")
@@ -72,16 +81,22 @@ def markdown(meta: dict[str, Any], records: list[Rec], names: list[str]) -> str:
     def gap(t: str, sc: str, lv: int) -> float | None:
         return median_of(records, t, sc, lv, lambda r: r["gap_ms"]["p99"])
 
-    for sc, title in (("paced", "Paced streams (64 deltas, one per 20 ms)"),
-                      ("anthropic", "Anthropic `/v1/messages`, paced")):
+    for sc, title in (
+        ("paced", "Paced streams (64 deltas, one per 20 ms)"),
+        ("anthropic", "Anthropic `/v1/messages`, paced"),
+    ):
         if not levels(records, sc):
             continue
         w(f"### {title}\n")
-        w("Each connection streams 2 answers back to back, first requests spread over 1.3 s (one answer's life). "
-          "Added over direct (same run): TTFT p50 / p99 and inter-chunk gap p99, in ms; in brackets the same "
-          "over nginx-w1. Errors summed over rounds.\n")
-        w("| streams | target | TTFT p50 | TTFT p99 | added TTFT p50 | added TTFT p99 | added gap p99 | "
-          "proxy CPU s / 1M events | errors |")
+        w(
+            "Each connection streams 2 answers back to back, first requests spread over 1.3 s (one answer's life). "
+            "Added over direct (same run): TTFT p50 / p99 and inter-chunk gap p99, in ms; in brackets the same "
+            "over nginx-w1. Errors summed over rounds.\n"
+        )
+        w(
+            "| streams | target | TTFT p50 | TTFT p99 | added TTFT p50 | added TTFT p99 | added gap p99 | "
+            "proxy CPU s / 1M events | errors |"
+        )
         w("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
         for lv in levels(records, sc):
             d50, d99, dg = ttft("direct", sc, lv, "p50"), ttft("direct", sc, lv, "p99"), gap("direct", sc, lv)
@@ -98,8 +113,10 @@ def markdown(meta: dict[str, Any], records: list[Rec], names: list[str]) -> str:
                     return s + (f" ({f(a - nb, 2, True)})" if nb is not None and not t.startswith("nginx-w1") else "")
 
                 cpu = median_of(records, t, sc, lv, lambda r: r.get("proxy_cpu_per_1m_events"))
-                w(f"| {lv} | {t} | {f(p50)} | {f(p99)} | {add(p50, d50, n50)} | {add(p99, d99, n99)} | "
-                  f"{add(g, dg, ng)} | {f(cpu, 1)} | {total_errors(records, t, sc, lv)} |")
+                w(
+                    f"| {lv} | {t} | {f(p50)} | {f(p99)} | {add(p50, d50, n50)} | {add(p99, d99, n99)} | "
+                    f"{add(g, dg, ng)} | {f(cpu, 1)} | {total_errors(records, t, sc, lv)} |"
+                )
         w("")
 
     if levels(records, "unpaced"):
@@ -114,8 +131,10 @@ def markdown(meta: dict[str, Any], records: list[Rec], names: list[str]) -> str:
         for t in targets:
             ev = median_of(records, t, "unpaced", lv, lambda r: r["events_per_s"])
             cpu = median_of(records, t, "unpaced", lv, lambda r: r.get("proxy_cpu_per_1m_events"))
-            w(f"| {t} | {f(ev, 0)} | {ratio(ev, ev_n1)} | {ratio(ev, ev_n2)} | {f(cpu, 1)} | {ratio(cpu, cpu_n1)} | "
-              f"{total_errors(records, t, 'unpaced', lv)} |")
+            w(
+                f"| {t} | {f(ev, 0)} | {ratio(ev, ev_n1)} | {ratio(ev, ev_n2)} | {f(cpu, 1)} | {ratio(cpu, cpu_n1)} | "
+                f"{total_errors(records, t, 'unpaced', lv)} |"
+            )
         w("")
 
     if levels(records, "nonstream"):
@@ -131,17 +150,23 @@ def markdown(meta: dict[str, Any], records: list[Rec], names: list[str]) -> str:
             l99 = median_of(records, t, "nonstream", lv, lambda r: r["latency_ms"]["p99"])
             a50 = None if t == "direct" or l50 is None or d50 is None else l50 - d50
             a99 = None if t == "direct" or l99 is None or d99 is None else l99 - d99
-            w(f"| {t} | {f(rps, 0)} | {f(l50)} | {f(l99)} | {f(a50, 2, True)} | {f(a99, 2, True)} | "
-              f"{total_errors(records, t, 'nonstream', lv)} |")
+            w(
+                f"| {t} | {f(rps, 0)} | {f(l50)} | {f(l99)} | {f(a50, 2, True)} | {f(a99, 2, True)} | "
+                f"{total_errors(records, t, 'nonstream', lv)} |"
+            )
         w("")
 
     if levels(records, "idle"):
         lv = levels(records, "idle")[0]
         w(f"### Many idle streams ({lv} open streams waiting for their first token)\n")
-        w("RSS of the proxy's processes (VmRSS, all processes of the target): per open stream = (during − before) "
-          "/ streams; baseline = after start-up and warm-up, per process.\n")
-        w("| target | RSS per open stream KB | streams open upstream | RSS before MB | RSS during MB | "
-          "baseline MB per process | errors |")
+        w(
+            "RSS of the proxy's processes (VmRSS, all processes of the target): per open stream = (during − before) "
+            "/ streams; baseline = after start-up and warm-up, per process.\n"
+        )
+        w(
+            "| target | RSS per open stream KB | streams open upstream | RSS before MB | RSS during MB | "
+            "baseline MB per process | errors |"
+        )
         w("|---|---:|---:|---:|---:|---|---:|")
         for t in proxies:
             per = median_of(records, t, "idle", lv, lambda r: r.get("rss_per_stream_kb"))
@@ -153,16 +178,20 @@ def markdown(meta: dict[str, Any], records: list[Rec], names: list[str]) -> str:
                 procs = sorted(base[0].values(), reverse=True)
                 base_s = ", ".join(f"{kb / 1024:.0f}" for kb in procs)
             up = median_of(records, t, "idle", lv, lambda r: r.get("upstream_open"))
-            w(f"| {t} | {f(per, 1)} | {f(up, 0)} | {f(before / 1024 if before else None, 0)} | "
-              f"{f(during / 1024 if during else None, 0)} | {base_s} | {total_errors(records, t, 'idle', lv)} |")
+            w(
+                f"| {t} | {f(per, 1)} | {f(up, 0)} | {f(before / 1024 if before else None, 0)} | "
+                f"{f(during / 1024 if during else None, 0)} | {base_s} | {total_errors(records, t, 'idle', lv)} |"
+            )
         w("")
 
     caps = {r["target"]: r for r in records if r["scenario"] == "capacity-max"}
     if caps:
         w("### Largest paced load sustained\n")
-        w("Paced streams (64 deltas at 20 ms, 3 answers per connection, starts spread over 1.3 s) with no error, no chunk more than 100 ms beyond its pace and no first "
-          "token later than 100 ms; levels tried in order, stopping at the first miss. `direct` is the rig's own "
-          "ceiling: a proxy cannot be shown above it.\n")
+        w(
+            "Paced streams (64 deltas at 20 ms, 3 answers per connection, starts spread over 1.3 s) with no error, "
+            "no chunk more than 100 ms beyond its pace and no first token later than 100 ms; levels tried in order, "
+            "stopping at the first miss. `direct` is the rig's own ceiling: a proxy cannot be shown above it.\n"
+        )
         w("| target | sustained streams | levels tried up to |")
         w("|---|---:|---:|")
         for t in targets:
@@ -170,8 +199,10 @@ def markdown(meta: dict[str, Any], records: list[Rec], names: list[str]) -> str:
                 w(f"| {t} | {caps[t]['level']} | {caps[t]['tried_up_to']} |")
         w("")
 
-    w("Errors include answers still unfinished when a run was cut (paced: ramp + 15 s; idle: hold + 10 s); unpaced "
-      "runs are cut at 10 s and their events/s counts what arrived by then.\n")
+    w(
+        "Errors include answers still unfinished when a run was cut (paced: ramp + 15 s; idle: hold + 10 s); unpaced "
+        "runs are cut at 10 s and their events/s counts what arrived by then.\n"
+    )
     w("### Targets (issue #7): where they stand\n")
     w("| target | where it stands |")
     w("|---|---|")
@@ -194,16 +225,24 @@ def goals(meta: dict[str, Any], records: list[Rec]) -> list[tuple[str, str]]:
     p99 = median_of(records, t, "paced", 256, lambda r: r["ttft_ms"]["p99"])
     if None not in (d50, d99, p50, p99):
         a50, a99 = p50 - d50, p99 - d99  # type: ignore[operator]
-        out.append(("paced 256: added TTFT p50 ≤ 0.5 ms, p99 ≤ 2 ms",
-                    f"{mark(a50 <= 0.5 and a99 <= 2)} workers 1: p50 {a50:+.2f} ms, p99 {a99:+.2f} ms"))
+        out.append(
+            (
+                "paced 256: added TTFT p50 ≤ 0.5 ms, p99 ≤ 2 ms",
+                f"{mark(a50 <= 0.5 and a99 <= 2)} workers 1: p50 {a50:+.2f} ms, p99 {a99:+.2f} ms",
+            )
+        )
     else:
         out.append(("paced 256: added TTFT p50 ≤ 0.5 ms, p99 ≤ 2 ms", "not measured in this run"))
     caps = {r["target"]: r["level"] for r in records if r["scenario"] == "capacity-max"}
     if "tokenrelay-w2" in caps:
         rig = caps.get("direct")
         note = f" (rig ceiling: direct {rig})" if rig is not None else ""
-        out.append(("≥ 1024 sustained paced streams with --workers 2",
-                    f"{mark(caps['tokenrelay-w2'] >= 1024)} {caps['tokenrelay-w2']}{note}"))
+        out.append(
+            (
+                "≥ 1024 sustained paced streams with --workers 2",
+                f"{mark(caps['tokenrelay-w2'] >= 1024)} {caps['tokenrelay-w2']}{note}",
+            )
+        )
     else:
         out.append(("≥ 1024 sustained paced streams with --workers 2", "not measured in this run"))
     lvs = levels(records, "unpaced")
@@ -214,17 +253,25 @@ def goals(meta: dict[str, Any], records: list[Rec]) -> list[tuple[str, str]]:
         cpu = median_of(records, t, "unpaced", lv, lambda r: r.get("proxy_cpu_per_1m_events"))
         cpun = median_of(records, "nginx-w1", "unpaced", lv, lambda r: r.get("proxy_cpu_per_1m_events"))
         if ev and evn and cpu and cpun:
-            out.append(("unpaced events/s ≥ 0.8× nginx, CPU/event ≤ 2× nginx",
-                        f"{mark(ev >= 0.8 * evn and cpu <= 2 * cpun)} workers 1 vs nginx 1 worker: "
-                        f"{ev / evn:.2f}× events/s, {cpu / cpun:.2f}× CPU/event"))
+            out.append(
+                (
+                    "unpaced events/s ≥ 0.8× nginx, CPU/event ≤ 2× nginx",
+                    f"{mark(ev >= 0.8 * evn and cpu <= 2 * cpun)} workers 1 vs nginx 1 worker: "
+                    f"{ev / evn:.2f}× events/s, {cpu / cpun:.2f}× CPU/event",
+                )
+            )
         else:
             out.append(("unpaced events/s ≥ 0.8× nginx, CPU/event ≤ 2× nginx", "not measured in this run"))
         evl = median_of(records, "litellm", "unpaced", lv, lambda r: r["events_per_s"])
         errs = total_errors(records, t, "unpaced") or 0
         errs += sum(total_errors(records, t, sc) or 0 for sc in ("paced", "anthropic", "nonstream", "idle"))
         if ev and evl:
-            out.append(("≥ 20× LiteLLM events/s with zero errors",
-                        f"{mark(ev >= 20 * evl and errs == 0)} {ev / evl:.1f}× LiteLLM; tokenrelay errors {errs}"))
+            out.append(
+                (
+                    "≥ 20× LiteLLM events/s with zero errors",
+                    f"{mark(ev >= 20 * evl and errs == 0)} {ev / evl:.1f}× LiteLLM; tokenrelay errors {errs}",
+                )
+            )
         else:
             why = meta.get("skipped", {}).get("litellm", "LiteLLM not measured")
             out.append(("≥ 20× LiteLLM events/s with zero errors", f"— {why}"[:200]))
@@ -234,8 +281,12 @@ def goals(meta: dict[str, Any], records: list[Rec]) -> list[tuple[str, str]]:
         per = median_of(records, t, "idle", lvi[0], lambda r: r.get("rss_per_stream_kb"))
         worst = max(max(b.values()) for b in base) / 1024 if base else None
         if per is not None and worst is not None:
-            out.append(("≤ 16 KB RSS per idle stream, baseline ≤ 60 MB/worker",
-                        f"{mark(per <= 16 and worst <= 60)} {per:.1f} KB/stream, baseline {worst:.0f} MB"))
+            out.append(
+                (
+                    "≤ 16 KB RSS per idle stream, baseline ≤ 60 MB/worker",
+                    f"{mark(per <= 16 and worst <= 60)} {per:.1f} KB/stream, baseline {worst:.0f} MB",
+                )
+            )
     if len(out) < 5:
         out.append(("≤ 16 KB RSS per idle stream, baseline ≤ 60 MB/worker", "not measured in this run"))
     return out
@@ -280,8 +331,13 @@ def chart(records: list[Rec], names: list[str], path: Path) -> None:
             if t != "direct":
                 ax1.plot(xs, ys, marker="o", label=t)
             ax2.plot(xs, es, marker="o", label=t)
-    ax1.set(xscale="log", yscale="symlog", xlabel="concurrent paced streams", ylabel="added TTFT p50 over direct (ms)",
-            title="Added time to first token")
+    ax1.set(
+        xscale="log",
+        yscale="symlog",
+        xlabel="concurrent paced streams",
+        ylabel="added TTFT p50 over direct (ms)",
+        title="Added time to first token",
+    )
     ax2.set(xscale="log", xlabel="concurrent paced streams", ylabel="events/s received", title="Events/s")
     for ax in (ax1, ax2):
         ax.grid(True, alpha=0.3)

@@ -501,8 +501,18 @@ class Bench:
             extra=[
                 # Starts spread over one stream's life (~1.3 s) and `requests` answers per connection: the
                 # arrival rate of a steady load of `level` concurrent streams, not a single burst.
-                "--mode", "stream", "--streams", str(level), "--ramp-ms", "1300", "--pace-ms", "20",
-                "--requests", str(requests), "--cut-s", str(1.3 * (requests + 1) + 15),
+                "--mode",
+                "stream",
+                "--streams",
+                str(level),
+                "--ramp-ms",
+                "1300",
+                "--pace-ms",
+                "20",
+                "--requests",
+                str(requests),
+                "--cut-s",
+                str(1.3 * (requests + 1) + 15),
             ],
             timeout_s=30 + level / 100,
         )
@@ -560,8 +570,16 @@ class Bench:
                 self.mock_control,
             ]
             if run.roots
-            else ["--mode", "idle", "--streams", str(plan.idle_streams), "--ramp-ms", str(ramp * 1000),
-                  "--cut-s", str(hold + 10)],
+            else [
+                "--mode",
+                "idle",
+                "--streams",
+                str(plan.idle_streams),
+                "--ramp-ms",
+                str(ramp * 1000),
+                "--cut-s",
+                str(hold + 10),
+            ],
             timeout_s=hold + 40,
         )
         res["rss_before_kb"] = sum(before.values())
@@ -583,21 +601,37 @@ class Bench:
                 break
             res = self.paced(t, run, 0, level, scenario="capacity", requests=3)
             ok = res["errors"] == 0 and res["cut"] == 0 and res["late_streams"] == 0 and res["late_first"] == 0
-            log(f"  capacity {t} {level}: {'ok' if ok else 'MISSED'} (late {res['late_streams']}, "
-                f"late first {res['late_first']}, errors {res['errors']}, cut {res['cut']}, gap max {res['gap_ms']['max']:.0f} ms)")
+            log(
+                f"  capacity {t} {level}: {'ok' if ok else 'MISSED'} (late {res['late_streams']}, "
+                f"late first {res['late_first']}, errors {res['errors']}, cut {res['cut']}, "
+                f"gap max {res['gap_ms']['max']:.0f} ms)"
+            )
             if not ok:
                 break
             best = level
-        self.records.append({"target": t, "scenario": "capacity-max", "level": best, "round": 0,
-                             "tried_up_to": plan.capacity_levels[-1]})
+        self.records.append(
+            {
+                "target": t,
+                "scenario": "capacity-max",
+                "level": best,
+                "round": 0,
+                "tried_up_to": plan.capacity_levels[-1],
+            }
+        )
 
 
 def warmup(bench: Bench, run: Running) -> None:
     bench.mock(tokens=8, delay_ms=2.0, first_token_ms=0.0)
     for body, path in ((OPENAI_BODY, "/v1/chat/completions"), (ANTHROPIC_BODY, "/v1/messages")):
         with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
-            bench.loadgen(run, f"warmup-{run.port}", path=path, body=body,
-                          extra=["--streams", "64", "--requests", "2"], timeout_s=30)
+            bench.loadgen(
+                run,
+                f"warmup-{run.port}",
+                path=path,
+                body=body,
+                extra=["--streams", "64", "--requests", "2"],
+                timeout_s=30,
+            )
 
 
 # --- report --------------------------------------------------------------------------------------------------------
@@ -628,7 +662,7 @@ def main(argv: list[str] | None = None) -> int:
     for s in scenarios:
         if s not in ALL_SCENARIOS:
             p.error(f"unknown scenario {s!r} (known: {', '.join(ALL_SCENARIOS)})")
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     need = max(plan.idle_streams, *plan.capacity_levels) * 2 + 512
     if hard < need:
@@ -679,9 +713,11 @@ def main(argv: list[str] | None = None) -> int:
                             if s == "paced":
                                 for level in plan.paced_levels:
                                     r = bench.paced(t, run, rnd, level)
-                                    log(f"  paced {level}: ttft p50 {r['ttft_ms']['p50']:.2f} ms p99 "
+                                    log(
+                                        f"  paced {level}: ttft p50 {r['ttft_ms']['p50']:.2f} ms p99 "
                                         f"{r['ttft_ms']['p99']:.2f} ms gap p99 {r['gap_ms']['p99']:.1f} ms "
-                                        f"errors {r['errors']}")
+                                        f"errors {r['errors']}"
+                                    )
                             elif s == "anthropic":
                                 bench.paced(t, run, rnd, plan.anthropic_streams, scenario="anthropic")
                             elif s == "unpaced":
@@ -695,8 +731,10 @@ def main(argv: list[str] | None = None) -> int:
                             elif s == "idle":
                                 bench.idle(t, run, rnd, plan)
                                 r = bench.records[-1]
-                                log(f"  idle: {r.get('rss_per_stream_kb', float('nan')):.1f} KB/stream "
-                                    f"errors {r['errors']}")
+                                log(
+                                    f"  idle: {r.get('rss_per_stream_kb', float('nan')):.1f} KB/stream "
+                                    f"errors {r['errors']}"
+                                )
                         except (RuntimeError, subprocess.TimeoutExpired) as exc:
                             log(f"  {s} failed: {exc}")
                             bench.records.append({"target": t, "scenario": s, "round": rnd, "failed": str(exc)[:400]})
@@ -760,7 +798,8 @@ def machine() -> str:
                 cpu = line.split(":", 1)[1].strip()
                 break
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{platform.system()} {platform.release()}, {os.cpu_count()} cores ({cpu}), {mem:.0f} GiB, Python {platform.python_version()}"
+    py = platform.python_version()
+    return f"{platform.system()} {platform.release()}, {os.cpu_count()} cores ({cpu}), {mem:.0f} GiB, Python {py}"
 
 
 def nginx_version() -> str:
