@@ -265,7 +265,15 @@ def goals(meta: dict[str, Any], records: list[Rec]) -> list[tuple[str, str]]:
         evl = median_of(records, "litellm", "unpaced", lv, lambda r: r["events_per_s"])
         errs = total_errors(records, t, "unpaced") or 0
         errs += sum(total_errors(records, t, sc) or 0 for sc in ("paced", "anthropic", "nonstream", "idle"))
-        if ev and evl:
+        if ev and evl == 0:
+            out.append(
+                (
+                    "≥ 20× LiteLLM events/s with zero errors",
+                    f"{mark(errs == 0)} LiteLLM delivered no event before the 10 s cut (tokenrelay {ev:.0f}/s); "
+                    f"tokenrelay errors {errs}",
+                )
+            )
+        elif ev and evl:
             out.append(
                 (
                     "≥ 20× LiteLLM events/s with zero errors",
