@@ -60,6 +60,10 @@ ALL_TARGETS = ["direct", "tokenrelay-w1", "tokenrelay-w2", "nginx-w1", "nginx-w2
 ALL_SCENARIOS = ["nonstream", "paced", "anthropic", "unpaced", "idle", "capacity"]
 
 
+def ms(x: float | None) -> str:
+    return "–" if x is None else f"{x:.2f}"
+
+
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -604,7 +608,7 @@ class Bench:
             log(
                 f"  capacity {t} {level}: {'ok' if ok else 'MISSED'} (late {res['late_streams']}, "
                 f"late first {res['late_first']}, errors {res['errors']}, cut {res['cut']}, "
-                f"gap max {res['gap_ms']['max']:.0f} ms)"
+                f"gap max {ms(res['gap_ms']['max'])} ms)"
             )
             if not ok:
                 break
@@ -714,9 +718,9 @@ def main(argv: list[str] | None = None) -> int:
                                 for level in plan.paced_levels:
                                     r = bench.paced(t, run, rnd, level)
                                     log(
-                                        f"  paced {level}: ttft p50 {r['ttft_ms']['p50']:.2f} ms p99 "
-                                        f"{r['ttft_ms']['p99']:.2f} ms gap p99 {r['gap_ms']['p99']:.1f} ms "
-                                        f"errors {r['errors']}"
+                                        f"  paced {level}: ttft p50 {ms(r['ttft_ms']['p50'])} ms p99 "
+                                        f"{ms(r['ttft_ms']['p99'])} ms gap p99 {ms(r['gap_ms']['p99'])} ms "
+                                        f"errors {r['errors']} cut {r['cut']}"
                                     )
                             elif s == "anthropic":
                                 bench.paced(t, run, rnd, plan.anthropic_streams, scenario="anthropic")
@@ -731,12 +735,9 @@ def main(argv: list[str] | None = None) -> int:
                             elif s == "idle":
                                 bench.idle(t, run, rnd, plan)
                                 r = bench.records[-1]
-                                log(
-                                    f"  idle: {r.get('rss_per_stream_kb', float('nan')):.1f} KB/stream "
-                                    f"errors {r['errors']}"
-                                )
-                        except (RuntimeError, subprocess.TimeoutExpired) as exc:
-                            log(f"  {s} failed: {exc}")
+                                log(f"  idle: {ms(r.get('rss_per_stream_kb'))} KB/stream errors {r['errors']}")
+                        except Exception as exc:  # one broken measurement must not lose the run
+                            log(f"  {s} failed: {exc!r}")
                             bench.records.append({"target": t, "scenario": s, "round": rnd, "failed": str(exc)[:400]})
                 finally:
                     run.stop()
@@ -755,8 +756,8 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     warmup(bench, run)
                     bench.capacity(t, run, plan, time.monotonic() + per_target)
-                except (RuntimeError, subprocess.TimeoutExpired) as exc:
-                    log(f"  capacity failed: {exc}")
+                except Exception as exc:
+                    log(f"  capacity failed: {exc!r}")
                 finally:
                     run.stop()
     finally:
