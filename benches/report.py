@@ -334,7 +334,7 @@ def chart(records: list[Rec], names: list[str], path: Path) -> None:
             if v is not None and d is not None:
                 xs.append(lv)
                 ys.append(v - d)
-                es.append(ev)
+                es.append(float("nan") if ev is None else ev)
         if xs:
             if t != "direct":
                 ax1.plot(xs, ys, marker="o", label=t)
