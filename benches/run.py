@@ -620,6 +620,7 @@ class Bench:
                 "level": best,
                 "round": 0,
                 "tried_up_to": plan.capacity_levels[-1],
+                "first_level": plan.capacity_levels[0],
             }
         )
 
