@@ -325,7 +325,8 @@ def chart(records: list[Rec], names: list[str], path: Path) -> None:
 
     lvs = sorted(set(levels(records, "paced")) | set(levels(records, "capacity")))
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=80)
-    for t in names:
+    for i, t in enumerate(names):
+        color = f"C{i}"  # the same colour for a target in both panels
         xs, ys, es = [], [], []
         for lv in lvs:
             sc = "paced" if lv in levels(records, "paced") else "capacity"
@@ -338,8 +339,8 @@ def chart(records: list[Rec], names: list[str], path: Path) -> None:
                 es.append(float("nan") if ev is None else ev)
         if xs:
             if t != "direct":
-                ax1.plot(xs, ys, marker="o", label=t)
-            ax2.plot(xs, es, marker="o", label=t)
+                ax1.plot(xs, ys, marker="o", label=t, color=color)
+            ax2.plot(xs, es, marker="o", label=t, color=color)
     ax1.set(
         xscale="log",
         yscale="symlog",
