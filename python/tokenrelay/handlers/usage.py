@@ -79,11 +79,9 @@ async def recent(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     relay = request.app[RELAY]
+    # aiohttp refuses content_type together with a Content-Type header: the header alone carries the version.
     return web.Response(
-        text=relay.prometheus(),
-        content_type="text/plain",
-        charset="utf-8",
-        headers={"content-type": "text/plain; version=0.0.4; charset=utf-8"},
+        body=relay.prometheus().encode(), headers={"content-type": "text/plain; version=0.0.4; charset=utf-8"}
     )
 
 
