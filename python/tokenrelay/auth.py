@@ -99,7 +99,8 @@ class Gate:
         self.admission = Admission()
         self._stamp: tuple[int, float] = (0, 0.0)
         self._task: asyncio.Task[None] | None = None
-        self._prices: dict[tuple[str, str], Price | None] = {}
+        self._reloading = asyncio.Lock()
+        self._prices: dict[tuple[str, str, str], Price | None] = {}
 
     @property
     def client_auth(self) -> bool:
@@ -129,10 +130,11 @@ class Gate:
 
     async def reload(self, force: bool = False) -> None:
         """Re-reads the keys (if they changed) and every budgeted key's spend; SQLite runs in a thread."""
-        loaded, spent = await asyncio.to_thread(self._load, force)
-        if loaded is not None:
-            self.keys = {k.id: k for k in loaded}
-        self.admission.sync_spent(spent)
+        async with self._reloading:  # one at a time: an older read must never land after a newer one
+            loaded, spent = await asyncio.to_thread(self._load, force)
+            if loaded is not None:
+                self.keys = {k.id: k for k in loaded}
+            self.admission.sync_spent(spent)
 
     async def start(self) -> None:
         await self.reload(force=True)
@@ -175,8 +177,8 @@ class Gate:
 
     # --- admission ----------------------------------------------------------------------------------------------
 
-    def _price(self, deployment: Deployment, model: str) -> Price | None:
-        cache_key = (deployment.name, model)
+    def _price(self, route: str, deployment: Deployment, model: str) -> Price | None:
+        cache_key = (route, deployment.name, model)
         if cache_key not in self._prices:
             try:
                 price = price_for(model, deployment.price, provider=provider_from_url(deployment.base_url))
@@ -230,7 +232,7 @@ class Gate:
                 relay_routes.append(fallback)
         for r in relay_routes:
             for d in r.deployments:
-                price = self._price(d, d.upstream_model(model, r.name))
+                price = self._price(r.name, d, d.upstream_model(model, r.name))
                 if price is None:
                     return (
                         f"a USD budget cannot be enforced on route {r.name!r}: deployment {d.name!r} has no known "
