@@ -13,11 +13,11 @@ import aiohttp
 import openai
 import orjson
 import pytest
+from tokenrelay import _core, keys
+from tokenrelay.admission import Admission, Denial, Reservation
 
 from tests.conftest import Daemon, MockUpstream, route_config
 from tests.test_keys import ADMIN, create, http
-from tokenrelay import _core, keys
-from tokenrelay.admission import Admission, Denial, Reservation
 
 MESSAGES: Any = [{"role": "user", "content": "Say something about foxes."}]
 # Output at $1000 per 1M tokens, input free: a 24-token answer costs exactly $0.024, and so does its worst case
@@ -129,7 +129,7 @@ async def test_100_concurrent_requests_cannot_overshoot_the_budget(
     key_id = str(keys.key_id_of(paid["budget"]))
     assert spent(d, key_id) == pytest.approx(10 * ANSWER_USD) and spent(d, key_id) <= 10 * ANSWER_USD + 1e-12
     # Exhausted now, with a message saying which limit; the spend survives a restart (read from the ledger).
-    with pytest.raises(openai.PermissionDeniedError, match="exhausted its budget of \\$0.24 per day"):
+    with pytest.raises(openai.PermissionDeniedError, match=r"exhausted its budget of \$0\.24 per day"):
         await client.chat.completions.create(model="paid", messages=MESSAGES, max_tokens=24)
     d.stop()
     again = daemon_factory(paid["config"], args=["--db", str(paid["db"])], env={"TOKENRELAY_ADMIN_KEY": ADMIN})
@@ -148,7 +148,7 @@ def test_budget_needs_a_known_price_and_a_bounded_request(paid: dict[str, Any]) 
         client.chat.completions.create(model="unpriced", messages=MESSAGES, max_tokens=24)
     assert info.value.code == "price_unknown"
     # No max_tokens: 4096 output tokens are reserved ($4.10 here), more than the whole budget.
-    with pytest.raises(openai.PermissionDeniedError, match="may cost up to \\$4.096"):
+    with pytest.raises(openai.PermissionDeniedError, match=r"may cost up to \$4\.096"):
         client.chat.completions.create(model="paid", messages=MESSAGES)
     client.chat.completions.create(model="paid", messages=MESSAGES, max_tokens=24)
 
@@ -181,9 +181,11 @@ async def test_tpm_limit_holds_under_concurrency(
     assert used <= 10 * worst
     # A request that alone may use more than the limit can never pass: 403, not a retry loop.
     big = orjson.dumps({**body, "max_tokens": 100 * worst})
-    async with aiohttp.ClientSession() as session:
-        async with session.post(f"{d.base_url}/chat/completions", data=big, headers=headers) as r:
-            assert r.status == 403 and "lower max_tokens" in (await r.json())["error"]["message"]
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{d.base_url}/chat/completions", data=big, headers=headers) as r,
+    ):
+        assert r.status == 403 and "lower max_tokens" in (await r.json())["error"]["message"]
 
 
 def test_rpm_limit_is_429_with_retry_after(
