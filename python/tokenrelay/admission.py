@@ -163,7 +163,8 @@ class Admission:
         st.reserved_usd += usd
         st.reserved_tokens += tokens
         st.in_flight += 1
-        st.admitted.append(now)
+        if key.rpm is not None:  # the windows are kept only for the limits a key has: memory ~ its rate
+            st.admitted.append(now)
         return Reservation(st, usd, tokens, st.period_start)
 
     @staticmethod
@@ -189,7 +190,7 @@ class Admission:
         st.roll(now)
         if reservation.period_start == st.period_start:
             st.spent_usd += usd
-        if tokens > 0:
+        if tokens > 0 and st.key.tpm is not None:
             st.window.append((now, tokens))
             st.window_tokens += tokens
 
