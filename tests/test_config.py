@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from tokenrelay.config import ConfigError, load_config, parse_config, routes_from_environment
 
 

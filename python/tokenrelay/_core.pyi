@@ -228,7 +228,6 @@ def histogram_merge(a: str | None, b: str | None, /) -> str: ...
 HISTOGRAM_BOUNDS: tuple[float, ...]
 METER_ERROR_CLASSES: tuple[str, ...]
 
-
 # --- translate ---
 
 DEFAULT_MAX_TOKENS: int

@@ -14,9 +14,10 @@ from dataclasses import replace
 
 from aiohttp import web
 
+from tokenrelay import auth
 from tokenrelay._core import Meters
 from tokenrelay.config import Config, with_builtin_routes
-from tokenrelay.handlers import admin, api, ui, usage
+from tokenrelay.handlers import admin, api, keys, ui, usage
 from tokenrelay.ledger import Ledger
 from tokenrelay.metering import Metering
 from tokenrelay.mock import MockProvider
@@ -31,7 +32,11 @@ log = logging.getLogger("tokenrelay")
 def build_app(config: Config) -> web.Application:
     """The daemon's application for a config whose host and port are the ones actually bound."""
     config = with_builtin_routes(config)
-    app = web.Application(client_max_size=config.max_body_bytes, handler_args={"max_field_size": 64 * 1024})
+    app = web.Application(
+        client_max_size=config.max_body_bytes,
+        handler_args={"max_field_size": 64 * 1024},
+        middlewares=[auth.middleware],
+    )
     app[STARTED] = time.monotonic()
     meters = Meters()
     ledger = Ledger(
@@ -44,9 +49,12 @@ def build_app(config: Config) -> web.Application:
     for route in config.routes.values():
         for deployment in route.deployments:
             meter.price_sources[deployment.name] = deployment.base_url
+    gate = auth.Gate(ledger.path, os.environ.get(auth.ADMIN_ENV), meter, config.routes)
+    app[auth.GATE] = gate
 
     async def start_relay(app: web.Application) -> None:
         await asyncio.to_thread(ledger.start)
+        await gate.start()  # the ledger exists and is migrated: the keys can be read
         relay = app[RELAY] = Relay(config, make_session(), meter)
         checks: list[asyncio.Future[None]] = [
             asyncio.ensure_future(health_check_loop(pool, relay.session))
@@ -59,6 +67,7 @@ def build_app(config: Config) -> web.Application:
         for task in app[BACKGROUND]:
             task.cancel()
         await asyncio.gather(*app[BACKGROUND], return_exceptions=True)
+        await gate.stop()
         await app[RELAY].session.close()
         await ledger.aclose()  # the final flush: nothing recorded is lost on a graceful shutdown
 
@@ -67,7 +76,8 @@ def build_app(config: Config) -> web.Application:
     api.add_routes(app)
     admin.add_routes(app)
     usage.add_routes(app)
-    ui.add_routes(app)  # the live meters page under /ui (auth must cover /ui*)
+    ui.add_routes(app)  # the live meters page under /ui (auth covers /ui*)
+    keys.add_routes(app)
     app.add_subapp("/_mock", MockProvider().app())
     return app
 
@@ -126,6 +136,10 @@ async def serve(config: Config, sock: socket.socket | None = None, ready_fd: int
 
 def run(config: Config) -> int:
     """Runs the daemon in this process (one worker) or supervises `config.workers` worker processes."""
+    problem = auth.startup_problem(config)
+    if problem is not None:
+        print(f"tokenrelay: {problem}", file=sys.stderr)
+        return 2
     if config.workers <= 1 or os.environ.get("TOKENRELAY_WORKER") == "1":
         _run_loop(serve(config))
         return 0

@@ -29,7 +29,30 @@ def _parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check", help="validate a config file; print every error with its key path")
     check.add_argument("file", metavar="FILE")
+    _keys_parser(commands)
     return parser
+
+
+def _keys_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    keys = commands.add_parser("keys", help="create, list and revoke client keys (stored as salted hashes)")
+    actions = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    db_help = "the ledger database holding the keys (default: the daemon's default ledger)"
+    create = actions.add_parser("create", help="create a key and print it once")
+    create.add_argument("--name", required=True, help="a unique name for the key (shown in /usage as key_name)")
+    create.add_argument("--routes", metavar="A,B", help="the only routes this key may use (default: all)")
+    create.add_argument("--budget-usd", type=float, metavar="X", help="USD the key may spend per period")
+    create.add_argument("--period", choices=("day", "month"), help="budget period, UTC (default month)")
+    create.add_argument("--tpm", type=int, metavar="N", help="tokens per minute (input + output)")
+    create.add_argument("--rpm", type=int, metavar="N", help="requests per minute")
+    create.add_argument("--expires", metavar="WHEN", help="30d, 12h, 2w, 2026-12-31 (local midnight) or ISO time")
+    create.add_argument("--json", action="store_true", help="print the key and its record as JSON")
+    create.add_argument("--db", metavar="PATH", help=db_help)
+    listing = actions.add_parser("list", help="list keys with limits, spend this period and status")
+    listing.add_argument("--json", action="store_true", help="JSON instead of a table")
+    listing.add_argument("--db", metavar="PATH", help=db_help)
+    revoke = actions.add_parser("revoke", help="revoke a key by name or id")
+    revoke.add_argument("key", metavar="NAME|ID")
+    revoke.add_argument("--db", metavar="PATH", help=db_help)
 
 
 def _setup_logging(level: str) -> None:
@@ -78,6 +101,18 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keys(args: argparse.Namespace) -> int:
+    from tokenrelay import keys
+
+    if args.keys_command == "create":
+        return keys.cli_create(
+            args.db, args.name, args.routes, args.budget_usd, args.period, args.tpm, args.rpm, args.expires, args.json
+        )
+    if args.keys_command == "list":
+        return keys.cli_list(args.db, args.json)
+    return keys.cli_revoke(args.db, args.key)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `tokenrelay` console script."""
     args = _parser().parse_args(argv)
@@ -85,5 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args)
     if args.command == "check":
         return _check(args)
+    if args.command == "keys":
+        return _keys(args)
     _parser().print_help()
     return 2

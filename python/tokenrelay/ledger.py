@@ -86,6 +86,16 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX requests_run ON requests (run, ts)",
         "CREATE INDEX requests_key ON requests (key_id, ts)",
     ),
+    # Client keys (tokenrelay.keys): only a salted SHA-256 of each key is stored; `id` is the key's public
+    # prefix, used for lookup. A name is unique among keys that are not revoked.
+    (
+        """CREATE TABLE client_keys (
+            id TEXT PRIMARY KEY, name TEXT NOT NULL, salt TEXT NOT NULL, hash TEXT NOT NULL,
+            routes TEXT NOT NULL DEFAULT '', budget_usd REAL, period TEXT, tpm INTEGER, rpm INTEGER,
+            expires_at REAL, created_at REAL NOT NULL, revoked_at REAL, updated_at REAL NOT NULL
+        )""",
+        "CREATE UNIQUE INDEX client_keys_active_name ON client_keys (name) WHERE revoked_at IS NULL",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -307,6 +307,9 @@ class Relay:
         finally:
             self.in_flight -= 1
             self.meter.record(outcome)
+            settle = outcome.extra.pop("settle", None)  # a client key's admission reservation (auth.Gate)
+            if settle is not None:
+                settle(outcome)
 
     async def _serve(self, call: Call, route: Route) -> web.StreamResponse:
         outcome = call.outcome

@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from tokenrelay import metering
+from tokenrelay import auth, metering
 from tokenrelay.errors import error_response
 from tokenrelay.metering import Outcome
 from tokenrelay.relay import TRANSLATED, Call, client_identity
@@ -61,6 +61,7 @@ def endpoint(api: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]
     async def handle(request: web.Request) -> web.StreamResponse:
         relay = request.app[RELAY]
         err_api = _error_api(api)
+        principal = request.get(auth.PRINCIPAL)  # set by the auth middleware once client keys exist
         secret = client_identity(request.headers)
         outcome = Outcome(
             request_id=uuid.uuid4().hex,
@@ -70,13 +71,20 @@ def endpoint(api: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]
             route="",
             stream=False,
             requested_model="",
-            key_id=metering.key_id(secret),
+            key_id=principal.key_id if principal is not None else metering.key_id(secret),
+            key_name=principal.key_name if principal is not None else "",
         )
 
-        def reject(status: int, message: str, code: str | None = None, param: str | None = None) -> web.Response:
-            outcome.fail(status, metering.CLIENT_4XX, message)
+        def reject(
+            status: int,
+            message: str,
+            code: str | None = None,
+            param: str | None = None,
+            headers: dict[str, str] | None = None,
+        ) -> web.Response:
+            outcome.fail(status, metering.error_class_for_status(status, upstream=False), message)
             relay.meter.record(outcome)
-            return error_response(status, message, err_api, code=code, param=param)
+            return error_response(status, message, err_api, code=code, param=param, headers=headers)
 
         cap = relay.config.max_connections_per_key
         if cap is None:
@@ -147,6 +155,11 @@ def endpoint(api: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]
             )
         stream = body.get("stream") is True and api not in ("embeddings", "count_tokens")
         outcome.stream = stream
+        principal = request.get(auth.PRINCIPAL)
+        if principal is not None:
+            denial = await request.app[auth.GATE].admit(principal, api, body, raw, route, outcome)
+            if denial is not None:
+                return reject(denial.status, denial.message, denial.code, headers=denial.headers())
         call = Call(request, api, ENDPOINTS[api], body, raw, stream, outcome)
         return await relay.handle(call, route)
 
