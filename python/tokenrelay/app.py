@@ -48,7 +48,7 @@ def build_app(config: Config) -> web.Application:
     meter = Metering(meters, ledger, log_requests=config.log_requests)
     for route in config.routes.values():
         for deployment in route.deployments:
-            meter.price_sources[deployment.name] = deployment.base_url
+            meter.price_sources[route.name, deployment.name] = deployment.base_url
     gate = auth.Gate(ledger.path, os.environ.get(auth.ADMIN_ENV), meter, config.routes)
     app[auth.GATE] = gate
 

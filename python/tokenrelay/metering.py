@@ -37,9 +37,10 @@ def key_id(secret: str) -> str:
 
 
 def error_class_for_status(status: int, upstream: bool) -> str:
+    """The error class of a status sent by an upstream (`upstream=True`) or by tokenrelay itself."""
     if status == 429:
         return RATE_LIMITED
-    if status in (408, 504):
+    if status == 504 or (status == 408 and upstream):
         return TIMEOUT
     if status >= 500:
         return UPSTREAM_5XX if upstream else UPSTREAM_ERROR
@@ -102,14 +103,15 @@ class Metering:
         self.ledger = ledger
         self.log_requests = log_requests
         self.recorded = 0
-        self._prices: dict[tuple[str, str], Price | None] = {}
-        self.price_sources: dict[str, str] = {}  # deployment name -> its base URL (provider hint for prices)
+        # Deployment names are unique within a route only: prices are cached per (route, deployment, model).
+        self._prices: dict[tuple[str, str, str], Price | None] = {}
+        self.price_sources: dict[tuple[str, str], str] = {}  # (route, deployment) -> base URL (provider hint)
         self.live = LiveStats()  # the last minutes, for /ui
 
     def price(self, outcome: Outcome) -> Price | None:
-        key = (outcome.deployment, outcome.model)
+        key = (outcome.route, outcome.deployment, outcome.model)
         if key not in self._prices:
-            provider = provider_from_url(self.price_sources.get(outcome.deployment, ""))
+            provider = provider_from_url(self.price_sources.get((outcome.route, outcome.deployment), ""))
             try:
                 self._prices[key] = price_for(outcome.model, outcome.price, provider=provider)
             except ValueError:
