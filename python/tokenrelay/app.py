@@ -17,6 +17,7 @@ from aiohttp import web
 from tokenrelay._core import Meters
 from tokenrelay.config import Config, with_builtin_routes
 from tokenrelay.handlers import admin, api, usage
+from tokenrelay.handlers import runs as run_handlers
 from tokenrelay.ledger import Ledger
 from tokenrelay.metering import Metering
 from tokenrelay.mock import MockProvider
@@ -66,6 +67,7 @@ def build_app(config: Config) -> web.Application:
     api.add_routes(app)
     admin.add_routes(app)
     usage.add_routes(app)
+    run_handlers.add_routes(app, ledger.path)
     app.add_subapp("/_mock", MockProvider().app())
     return app
 

@@ -23,7 +23,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from tokenrelay import metering
+from tokenrelay import metering, runs
 from tokenrelay._core import StreamMeter, Usage, decode_body
 from tokenrelay.config import Config, Deployment, Route
 from tokenrelay.errors import error_event, error_response
@@ -238,6 +238,7 @@ class Relay:
         finally:
             self.in_flight -= 1
             self.meter.record(outcome)
+            runs.settle(self.meter, outcome)
 
     async def _serve(self, call: Call, route: Route) -> web.StreamResponse:
         outcome = call.outcome

@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from tokenrelay import metering
+from tokenrelay import metering, runs
 from tokenrelay.errors import error_response
 from tokenrelay.metering import Outcome
 from tokenrelay.relay import Call, client_identity
@@ -116,6 +116,10 @@ def endpoint(api: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]
             )
         stream = body.get("stream") is True and api not in ("embeddings", "count_tokens")
         outcome.stream = stream
+        if refusal := await runs.admit(request.app, relay.config, outcome, route, api, body, raw):
+            refused = reject(429, refusal, "run_budget_exceeded")
+            refused.headers["x-should-retry"] = "false"  # the SDKs would retry a 429 otherwise
+            return refused
         call = Call(request, api, ENDPOINTS[api], body, raw, stream, outcome)
         return await relay.handle(call, route)
 
