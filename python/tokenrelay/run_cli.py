@@ -304,7 +304,8 @@ def _die_by_signal(signum: int) -> None:
         import resource
 
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a re-raised SIGSEGV/SIGABRT must not dump our core
-    signal.signal(signum, signal.SIG_DFL)
+    with contextlib.suppress(OSError, ValueError):  # SIGKILL/SIGSTOP have no handler to reset
+        signal.signal(signum, signal.SIG_DFL)
     os.kill(os.getpid(), signum)
     time.sleep(1)  # pragma: no cover - the signal ends us
 
