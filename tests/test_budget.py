@@ -6,7 +6,6 @@ import random
 import threading
 
 import pytest
-
 from tokenrelay.budget import Budget
 from tokenrelay.runs import max_output_tokens
 from tokenrelay.usage_cli import human_cost, human_count, human_seconds

@@ -222,7 +222,7 @@ def test_concurrent_runs_stay_separate(priced: Daemon, upstream: MockUpstream) -
                 str(rounds),
                 "--concurrency",
                 "3",
-            ],  # fmt: skip
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
