@@ -166,13 +166,15 @@ def test_budget_stops_the_run(priced: Daemon, upstream: MockUpstream) -> None:
                         sys.executable, AGENT, "--rounds", "5", env=AGENT_ENV)  # fmt: skip
     # The agent sees a 429 with tokenrelay's explanation (the SDK did not retry it) and gives up.
     assert result.returncode == 4, result.stderr
-    assert "agent: stopped" in result.stderr and "spent its budget" in result.stderr
+    assert "agent: stopped" in result.stderr and "within its budget" in result.stderr
     summary = summary_of(result)
     totals, state = summary["usage"]["totals"], summary["run"]["budget"]
     served = upstream.stats()
     assert 0 < served["requests"] < 25
-    assert totals["successes"] == served["requests"]
-    assert totals["errors_by_class"]["client_4xx"] == state["rejected"] == 1  # refused once, not retried
+    assert totals["requests"] == served["requests"] + state["rejected"]  # refused requests never left the relay
+    assert_no_errors({**totals, "errors_by_class": {**totals["errors_by_class"], "client_4xx": 0}})
+    # Refused (the last round's concurrent calls: 1 or 2 of them), and not retried by the SDKs.
+    assert 1 <= totals["errors_by_class"]["client_4xx"] == state["rejected"] <= 2
     assert totals["cost_usd"] <= budget
     assert state["spent_usd"] == pytest.approx(totals["cost_usd"])
     assert state["reserved_usd"] == 0 and state["in_flight"] == 0
@@ -192,7 +194,7 @@ async def test_concurrent_requests_cannot_overshoot_a_budget(priced: Daemon, ups
                 pass
             return True
         except openai.RateLimitError as exc:
-            assert "spent its budget" in str(exc)
+            assert "budget" in str(exc)
             return False
 
     admitted = await asyncio.gather(*(drain() for _ in range(30)))

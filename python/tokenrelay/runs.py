@@ -203,13 +203,17 @@ async def admit(
 
 def _refusal(run: Run, budget: Budget, worst: float | None) -> str:
     s = budget.snapshot()
-    text = (
-        f"run {run.id!r} has spent its budget: ${s['spent_usd']:.4f} of ${s['limit_usd']:.4f} spent"
-        f", ${s['reserved_usd']:.4f} reserved by requests in flight"
+    if worst is None:
+        return (
+            f"run {run.id!r} has spent its budget (${s['spent_usd']:.4f} of ${s['limit_usd']:.4f}). "
+            "Start a new run or raise --budget-usd."
+        )
+    return (
+        f"run {run.id!r} cannot afford this request within its budget: it could cost up to ${worst:.4f} "
+        f"(input estimate + max_tokens) and ${s['remaining_usd']:.4f} of ${s['limit_usd']:.4f} remains "
+        f"(${s['spent_usd']:.4f} spent, ${s['reserved_usd']:.4f} reserved by requests in flight). "
+        "Start a new run or raise --budget-usd."
     )
-    if worst is not None:
-        text += f"; this request could cost up to ${worst:.4f} (input estimate + max_tokens)"
-    return text + ". Start a new run or raise --budget-usd."
 
 
 def outcome_cost(meter: Metering, outcome: Outcome) -> float | None:
