@@ -18,6 +18,7 @@ from tokenrelay import auth
 from tokenrelay._core import Meters
 from tokenrelay.config import Config, with_builtin_routes
 from tokenrelay.handlers import admin, api, keys, ui, usage
+from tokenrelay.handlers import runs as run_handlers
 from tokenrelay.ledger import Ledger
 from tokenrelay.metering import Metering
 from tokenrelay.mock import MockProvider
@@ -78,6 +79,7 @@ def build_app(config: Config) -> web.Application:
     usage.add_routes(app)
     ui.add_routes(app)  # the live meters page under /ui (auth covers /ui*)
     keys.add_routes(app)
+    run_handlers.add_routes(app, ledger.path)
     app.add_subapp("/_mock", MockProvider().app())
     return app
 

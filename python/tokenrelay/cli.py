@@ -29,6 +29,55 @@ def _parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check", help="validate a config file; print every error with its key path")
     check.add_argument("file", metavar="FILE")
+
+    usage = commands.add_parser(
+        "usage", help="tokens, cost and latency from the ledger, as a table (daemon not needed)"
+    )
+    usage.add_argument("--db", metavar="PATH", help="the ledger (default: $TOKENRELAY_DB or the user's data dir)")
+    usage.add_argument("--since", metavar="WHEN", help="from: 30m, 1h, 7d, 2026-11-01 or an ISO datetime")
+    usage.add_argument("--until", metavar="WHEN", help="up to (same forms as --since)")
+    usage.add_argument("--by", metavar="GROUPS", help="group by route,deployment,model,key,run,tag,minute,hour,day")
+    usage.add_argument("--run", metavar="ID", help="only this run (grouped by route,deployment unless --by)")
+    usage.add_argument("--route", metavar="NAME", help="only this route")
+    usage.add_argument("--requests", action="store_true", help="the last requests (the request log) instead")
+    usage.add_argument("--limit", type=int, default=50, metavar="N", help="with --requests: how many (default 50)")
+    _format_flags(usage)
+
+    runs = commands.add_parser("runs", help="recent agent runs with their totals, newest first")
+    runs.add_argument("--db", metavar="PATH", help="the ledger (default: $TOKENRELAY_DB or the user's data dir)")
+    runs.add_argument("--since", metavar="WHEN", help="runs started from: 1h, 7d, 2026-11-01...")
+    runs.add_argument("--limit", type=int, default=50, metavar="N", help="at most N runs (default 50)")
+    _format_flags(runs)
+
+    env = commands.add_parser(
+        "env", help='shell exports pointing the openai/anthropic SDKs here: eval "$(tokenrelay env)"'
+    )
+    env.add_argument("--run", metavar="ID", help="meter everything under this run id (run-scoped base URLs)")
+    env.add_argument(
+        "--route-default", metavar="ROUTE", help="also export TOKENRELAY_ROUTE/OPENAI_MODEL/ANTHROPIC_MODEL"
+    )
+    _daemon_flags(env)
+
+    run = commands.add_parser(
+        "run",
+        help="run a command pointed at a fresh run; print what it cost when it ends",
+        description="Starts COMMAND with OPENAI_BASE_URL/ANTHROPIC_BASE_URL (and keys) pointed at a fresh run of "
+        "the daemon, passes its exit code through, and prints the run's summary to stderr when it ends.",
+    )
+    run.add_argument("--name", metavar="NAME", help="the run's name (default: the command's name); id = NAME-xxxxxx")
+    run.add_argument(
+        "--budget-usd", type=float, metavar="X", help="refuse the run's requests (429) once X USD is spent"
+    )
+    run.add_argument(
+        "--route-default", metavar="ROUTE", help="export TOKENRELAY_ROUTE/OPENAI_MODEL/ANTHROPIC_MODEL=ROUTE"
+    )
+    run.add_argument("--ephemeral", action="store_true", help="start a private daemon for the command's lifetime")
+    run.add_argument("--db", metavar="PATH", help="with --ephemeral: the private daemon's ledger")
+    run.add_argument("--config", metavar="FILE", help="with --ephemeral: the private daemon's config")
+    run.add_argument("--json", action="store_true", help="print the summary as one line of JSON (on stderr)")
+    run.add_argument("--summary-file", metavar="FILE", help="also write the summary as JSON to FILE")
+    _daemon_flags(run)
+    run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]")
     _keys_parser(commands)
     return parser
 
@@ -53,6 +102,18 @@ def _keys_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     revoke = actions.add_parser("revoke", help="revoke a key by name or id")
     revoke.add_argument("key", metavar="NAME|ID")
     revoke.add_argument("--db", metavar="PATH", help=db_help)
+
+
+def _format_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--json", dest="format", action="store_const", const="json", help="JSON (the query result)")
+    group.add_argument("--csv", dest="format", action="store_const", const="csv", help="CSV, one row per group")
+    parser.set_defaults(format="table")
+
+
+def _daemon_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", metavar="URL", help="the daemon (default: $TOKENRELAY_URL or http://127.0.0.1:4141)")
+    parser.add_argument("--key", metavar="KEY", help="client key for the SDKs (default: $TOKENRELAY_KEY)")
 
 
 def _setup_logging(level: str) -> None:
@@ -122,5 +183,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check(args)
     if args.command == "keys":
         return _keys(args)
+    if args.command == "usage":
+        from tokenrelay.usage_cli import usage_command
+
+        return usage_command(
+            args.db, args.since, args.until, args.by, args.run, args.route, args.format, args.requests, args.limit
+        )
+    if args.command == "runs":
+        from tokenrelay.usage_cli import runs_command
+
+        return runs_command(args.db, args.since, args.format, args.limit)
+    if args.command == "env":
+        from tokenrelay.run_cli import env_command
+
+        return env_command(args.url, args.run, args.key, args.route_default, sys.stdout)
+    if args.command == "run":
+        from tokenrelay.run_cli import RunOptions, run_command
+
+        cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+        options = RunOptions(
+            cmd, args.name, args.budget_usd, args.route_default, args.ephemeral, args.json, args.url, args.key,
+            args.db, args.config, args.summary_file,
+        )  # fmt: skip
+        return run_command(options)
     _parser().print_help()
     return 2

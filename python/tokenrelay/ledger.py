@@ -96,6 +96,13 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE UNIQUE INDEX client_keys_active_name ON client_keys (name) WHERE revoked_at IS NULL",
     ),
+    (  # agent runs (`tokenrelay run`): names, budgets, start/end; their usage is in usage_minute.run
+        """CREATE TABLE runs (
+            id TEXT PRIMARY KEY, name TEXT NOT NULL, budget_usd REAL, route_default TEXT NOT NULL,
+            command TEXT NOT NULL, started REAL NOT NULL, ended REAL, exit_code INTEGER
+        )""",
+        "CREATE INDEX runs_started ON runs (started)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -88,10 +88,13 @@ def _finish(raw: dict[str, Any]) -> dict[str, Any]:
         "ttft_s": {
             **_quantiles(raw["ttft_hist"], [0.5, 0.9, 0.99]),
             "mean": float(raw["ttft_sum_s"]) / ttft_count if ttft_count else None,
+            "sum": float(raw["ttft_sum_s"] or 0.0),  # time spent waiting on first tokens
+            "count": ttft_count,
         },
         "duration_s": {
             **_quantiles(raw["duration_hist"], [0.5, 0.9, 0.99]),
             "mean": float(raw["duration_sum_s"]) / requests if requests else None,
+            "sum": float(raw["duration_sum_s"] or 0.0),
         },
         "output_tokens_per_s": int(raw["gen_output_tokens"] or 0) / gen_time if gen_time > 0 else None,
     }

@@ -23,7 +23,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from tokenrelay import metering
+from tokenrelay import metering, runs
 from tokenrelay._core import (
     StreamMeter,
     TranslationError,
@@ -310,6 +310,7 @@ class Relay:
             settle = outcome.extra.pop("settle", None)  # a client key's admission reservation (auth.Gate)
             if settle is not None:
                 settle(outcome)
+            runs.settle(self.meter, outcome)
 
     async def _serve(self, call: Call, route: Route) -> web.StreamResponse:
         outcome = call.outcome

@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from tokenrelay import auth, metering
+from tokenrelay import auth, metering, runs
 from tokenrelay.errors import error_response
 from tokenrelay.metering import Outcome
 from tokenrelay.relay import TRANSLATED, Call, client_identity
@@ -160,6 +160,10 @@ def endpoint(api: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]
             denial = await request.app[auth.GATE].admit(principal, api, body, raw, route, outcome)
             if denial is not None:
                 return reject(denial.status, denial.message, denial.code, headers=denial.headers())
+        if refusal := await runs.admit(request.app, relay.config, outcome, route, api, body, raw):
+            refused = reject(429, refusal, "run_budget_exceeded")
+            refused.headers["x-should-retry"] = "false"  # the SDKs would retry a 429 otherwise
+            return refused
         call = Call(request, api, ENDPOINTS[api], body, raw, stream, outcome)
         return await relay.handle(call, route)
 

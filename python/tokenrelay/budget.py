@@ -1,0 +1,82 @@
+"""Spend limits by reserve-then-settle: a request reserves its worst-case cost before it is sent and settles its
+actual cost when it ends, so N concurrent requests can never overshoot the limit together.
+
+Pure and synchronous: callers on the event loop (one thread) need no lock; a `threading.Lock` guards the few
+counters anyway so a budget may be shared with worker threads. Used by run budgets (`runs.py`); meant to be
+the one implementation behind client-key budgets too.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+
+@dataclass(eq=False)
+class Reservation:
+    """What `Budget.reserve` hands out: settle it exactly once (later settles are ignored)."""
+
+    amount: float
+    settled: bool = False
+
+
+class Budget:
+    """A spend limit in USD. `reserve(worst_case)` admits a request if the spend so far, plus what requests in
+    flight have reserved, plus this worst case stays within the limit; `settle(token, actual)` replaces the
+    reservation by what the request actually cost."""
+
+    def __init__(self, limit_usd: float, spent_usd: float = 0.0) -> None:
+        if not limit_usd >= 0:
+            raise ValueError(f"a budget must be a number >= 0, got {limit_usd!r}")
+        self.limit_usd = float(limit_usd)
+        self.spent_usd = float(spent_usd)
+        self.reserved_usd = 0.0
+        self.in_flight = 0
+        self.rejected = 0
+        self.unpriced = 0  # settled requests whose cost was unknown (not counted against the limit)
+        self._lock = threading.Lock()
+
+    @property
+    def remaining_usd(self) -> float:
+        return max(0.0, self.limit_usd - self.spent_usd - self.reserved_usd)
+
+    @property
+    def exhausted(self) -> bool:
+        return self.spent_usd >= self.limit_usd
+
+    def reserve(self, amount: float) -> Reservation | None:
+        """Admits a request whose cost is at most `amount`, or returns None (nothing is reserved then)."""
+        amount = max(0.0, float(amount))
+        with self._lock:
+            # Spent at the limit: nothing more, even a request that claims to be free (its price may be wrong).
+            if self.spent_usd >= self.limit_usd or self.spent_usd + self.reserved_usd + amount > self.limit_usd:
+                self.rejected += 1
+                return None
+            self.reserved_usd += amount
+            self.in_flight += 1
+            return Reservation(amount)
+
+    def settle(self, token: Reservation, actual: float | None) -> None:
+        """Releases the reservation and adds the actual cost (None: unknown price, counted in `unpriced`)."""
+        with self._lock:
+            if token.settled:
+                return
+            token.settled = True
+            self.reserved_usd = max(0.0, self.reserved_usd - token.amount)
+            self.in_flight -= 1
+            if actual is None:
+                self.unpriced += 1
+            else:
+                self.spent_usd += max(0.0, float(actual))
+
+    def snapshot(self) -> dict[str, float | int]:
+        with self._lock:
+            return {
+                "limit_usd": self.limit_usd,
+                "spent_usd": self.spent_usd,
+                "reserved_usd": self.reserved_usd,
+                "remaining_usd": max(0.0, self.limit_usd - self.spent_usd - self.reserved_usd),
+                "in_flight": self.in_flight,
+                "rejected": self.rejected,
+                "unpriced": self.unpriced,
+            }

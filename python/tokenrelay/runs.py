@@ -1,0 +1,243 @@
+"""Agent runs in the daemon: the registry (`POST /runs`), kept in memory and in the ledger's `runs` table, and
+the run budget: a request of a run with a budget reserves its worst-case cost before it is sent
+(`admit`) and settles its actual cost when it ends (`settle`), so concurrent requests cannot overshoot."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from tokenrelay import ledger_query
+from tokenrelay._core import estimate_input_tokens
+from tokenrelay.budget import Budget, Reservation
+from tokenrelay.config import Config, Route
+from tokenrelay.ledger import connect_readonly, open_db
+from tokenrelay.metering import Metering, Outcome
+from tokenrelay.pricing import cost_usd, price_for, provider_from_url
+
+log = logging.getLogger("tokenrelay.runs")
+
+RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# The output a request may produce when it does not say (no max_tokens): its worst case for a budget.
+DEFAULT_OUTPUT_TOKENS = 4096
+# Local token counts (o200k) can be below a provider's own tokenizer (Claude's counts more): reserve a margin.
+INPUT_MARGIN = 1.25
+MAX_RUNS_IN_MEMORY = 10_000
+_BUDGET_KEY = "run_budget"  # Outcome.extra key holding (budget, reservation) until the request settles
+
+
+@dataclass
+class Run:
+    """One agent run as registered by `tokenrelay run` (or any client of `POST /runs`)."""
+
+    id: str
+    name: str = ""
+    budget_usd: float | None = None
+    route_default: str = ""
+    command: str = ""
+    started: float = field(default_factory=time.time)
+    ended: float | None = None
+    exit_code: int | None = None
+    budget: Budget | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "budget_usd": self.budget_usd,
+            "route_default": self.route_default,
+            "command": self.command,
+            "started": self.started,
+            "ended": self.ended,
+            "exit_code": self.exit_code,
+            "budget": self.budget.snapshot() if self.budget is not None else None,
+        }
+
+
+def _row_to_run(row: sqlite3.Row | tuple[Any, ...]) -> Run:
+    rid, name, budget, route_default, command, started, ended, exit_code = row
+    return Run(rid, name, budget, route_default, command, started, ended, exit_code)
+
+
+_COLUMNS = "id, name, budget_usd, route_default, command, started, ended, exit_code"
+
+
+def load_runs(db: str | Path, since: float | None = None, limit: int = 1000) -> list[Run]:
+    """Runs from the ledger's `runs` table, newest first ([] for a ledger that predates the table)."""
+    conn = connect_readonly(db)
+    try:
+        sql = f"SELECT {_COLUMNS} FROM runs"
+        args: list[float | int] = []
+        if since is not None:
+            sql += " WHERE started >= ?"
+            args.append(since)
+        rows = conn.execute(sql + " ORDER BY started DESC LIMIT ?", [*args, limit]).fetchall()
+    except sqlite3.OperationalError:  # no runs table (an older ledger)
+        return []
+    finally:
+        conn.close()
+    return [_row_to_run(r) for r in rows]
+
+
+def _store(db: Path, run: Run) -> None:
+    conn = open_db(db)
+    try:
+        with conn:
+            conn.execute(
+                f"INSERT INTO runs ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
+                "ended = excluded.ended, exit_code = excluded.exit_code",
+                (
+                    run.id,
+                    run.name,
+                    run.budget_usd,
+                    run.route_default,
+                    run.command,
+                    run.started,
+                    run.ended,
+                    run.exit_code,
+                ),
+            )
+    finally:
+        conn.close()
+
+
+class RunRegistry:
+    """The runs this daemon knows, by id; budgets live here. Writes to the ledger happen in a thread."""
+
+    def __init__(self, db: Path) -> None:
+        self.db = db
+        self.runs: dict[str, Run] = {}
+
+    def get(self, run_id: str) -> Run | None:
+        return self.runs.get(run_id)
+
+    async def create(self, run: Run) -> None:
+        if run.budget_usd is not None:
+            run.budget = Budget(run.budget_usd)
+        self.runs[run.id] = run
+        if len(self.runs) > MAX_RUNS_IN_MEMORY:  # forget the oldest ended runs (they stay in the ledger)
+            ended = sorted((r for r in self.runs.values() if r.ended is not None), key=lambda r: r.started)
+            for old in ended[: len(self.runs) - MAX_RUNS_IN_MEMORY]:
+                del self.runs[old.id]
+        await asyncio.to_thread(_store, self.db, run)
+
+    async def end(self, run: Run, exit_code: int | None) -> None:
+        run.ended = time.time()
+        run.exit_code = exit_code
+        await asyncio.to_thread(_store, self.db, run)
+
+    def restore(self) -> None:
+        """At startup (in a thread): reloads unfinished runs with a budget, their spend taken from the ledger, so
+        a daemon restart does not reset a run's budget."""
+        if not self.db.exists():
+            return
+        for run in load_runs(self.db, since=time.time() - 7 * 86400):
+            if run.ended is not None or run.budget_usd is None or run.id in self.runs:
+                continue
+            spent = ledger_query.query_usage(self.db, run=run.id)["totals"]["cost_usd"] or 0.0
+            run.budget = Budget(run.budget_usd, spent)
+            self.runs[run.id] = run
+
+
+RUNS: web.AppKey[RunRegistry] = web.AppKey("runs", RunRegistry)
+
+
+def max_output_tokens(api: str, body: dict[str, Any]) -> int:
+    """The most output tokens the request allows (DEFAULT_OUTPUT_TOKENS when it sets no limit)."""
+    if api in ("embeddings", "count_tokens"):
+        return 0
+    for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
+        value = body.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+    return DEFAULT_OUTPUT_TOKENS
+
+
+def worst_case_cost(config: Config, route: Route, requested: str, input_tokens: int, output_tokens: int) -> float:
+    """The most the request can cost on any deployment of the route or its fallbacks (unknown prices: 0)."""
+    worst = 0.0
+    for candidate in (route, *(config.routes[n] for n in route.fallbacks if n in config.routes)):
+        for d in candidate.deployments:
+            try:
+                price = price_for(
+                    d.upstream_model(requested, candidate.name), d.price, provider=provider_from_url(d.base_url)
+                )
+            except ValueError:
+                price = None
+            for cache_write in (0, input_tokens):  # a cache write can cost more than plain input
+                cost = cost_usd(price, input=input_tokens, output=output_tokens, cache_write=cache_write)
+                worst = max(worst, cost or 0.0)
+    return worst
+
+
+async def admit(
+    app: web.Application, config: Config, outcome: Outcome, route: Route, api: str, body: dict[str, Any], raw: bytes
+) -> str | None:
+    """Reserves the request's worst case against its run's budget. Returns why it is refused, or None."""
+    registry = app.get(RUNS)
+    run = registry.get(outcome.run) if registry is not None and outcome.run else None
+    if run is None or run.budget is None:
+        return None
+    budget = run.budget
+    if budget.exhausted:  # no need to count tokens to refuse
+        budget.rejected += 1
+        return _refusal(run, budget, None)
+    counted = await asyncio.to_thread(estimate_input_tokens, api, raw, outcome.requested_model)
+    worst = worst_case_cost(
+        config, route, outcome.requested_model, round(counted * INPUT_MARGIN), max_output_tokens(api, body)
+    )
+    token = budget.reserve(worst)
+    if token is None:
+        return _refusal(run, budget, worst)
+    outcome.extra[_BUDGET_KEY] = (budget, token)
+    return None
+
+
+def _refusal(run: Run, budget: Budget, worst: float | None) -> str:
+    s = budget.snapshot()
+    if worst is None:
+        return (
+            f"run {run.id!r} has spent its budget (${s['spent_usd']:.4f} of ${s['limit_usd']:.4f}). "
+            "Start a new run or raise --budget-usd."
+        )
+    return (
+        f"run {run.id!r} cannot afford this request within its budget: it could cost up to ${worst:.4f} "
+        f"(input estimate + max_tokens) and ${s['remaining_usd']:.4f} of ${s['limit_usd']:.4f} remains "
+        f"(${s['spent_usd']:.4f} spent, ${s['reserved_usd']:.4f} reserved by requests in flight). "
+        "Start a new run or raise --budget-usd."
+    )
+
+
+def outcome_cost(meter: Metering, outcome: Outcome) -> float | None:
+    """What the request cost, as the meters record it (0 with no usage; None when the price is unknown)."""
+    usage = outcome.usage
+    if usage is None:
+        return 0.0
+    return cost_usd(
+        meter.price(outcome),
+        input=usage.input,
+        output=usage.output,
+        cached_input=usage.cached_input,
+        cache_write=usage.cache_write,
+    )
+
+
+def settle(meter: Metering, outcome: Outcome) -> None:
+    """Settles the request's budget reservation, if it made one. Never raises."""
+    held: tuple[Budget, Reservation] | None = outcome.extra.pop(_BUDGET_KEY, None)
+    if held is None:
+        return
+    budget, token = held
+    try:
+        budget.settle(token, outcome_cost(meter, outcome))
+    except Exception:  # pragma: no cover - a bug here must not fail a served request
+        log.exception("could not settle the run budget of request %s", outcome.request_id)
+        budget.settle(token, token.amount)
