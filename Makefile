@@ -5,7 +5,7 @@ PIP := $(PY) -m pip
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help run install test test-rust test-python lint fmt bench fuzz clean
+.PHONY: help run install system-deps test test-rust test-python lint fmt bench fuzz clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -23,7 +23,14 @@ run: install ## install and start the daemon on 127.0.0.1:4141 (routes from prov
 dev-install: $(VENV)/bin/activate
 	$(PIP) install -q -e '.[dev]'
 
-test: dev-install test-rust test-python ## install everything and run the whole test suite (cargo test + pytest)
+system-deps: ## Debian packages the tests use: headless Chromium + its driver (the /ui browser test)
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null \
+		|| echo "warning: could not install chromium; the browser test will be skipped"; \
+	fi
+
+test: system-deps dev-install test-rust test-python ## install everything and run the whole test suite (cargo test + pytest)
 
 test-rust: ## Rust unit and property tests of the core
 	cargo test --workspace --quiet
