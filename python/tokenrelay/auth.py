@@ -27,11 +27,12 @@ from aiohttp import web
 
 from tokenrelay import _core, keys
 from tokenrelay.admission import Admission, Denial, Reservation
+from tokenrelay.budget import max_output_tokens, worst_case_cost
 from tokenrelay.config import Config, Deployment, Route
 from tokenrelay.errors import error_response
 from tokenrelay.ledger import default_db_path
 from tokenrelay.metering import Metering, Outcome
-from tokenrelay.pricing import Price, cost_usd, price_for, provider_from_url
+from tokenrelay.pricing import Price, price_for, provider_from_url
 from tokenrelay.relay import client_identity
 
 log = logging.getLogger("tokenrelay.auth")
@@ -41,7 +42,6 @@ ADMIN_KEY_MIN_LENGTH = 16
 ADMIN_KEY_ID = "admin"
 RELOAD_EVERY_S = 1.0
 # Output tokens reserved for a request that sets no max_tokens / max_completion_tokens / max_output_tokens.
-DEFAULT_OUTPUT_RESERVE = 4096
 ESTIMATE_INLINE_BYTES = 16 * 1024
 _ESTIMATE_APIS = ("chat", "completions", "responses", "messages", "embeddings")
 
@@ -209,38 +209,22 @@ class Gate:
                 input_tokens = await asyncio.to_thread(_core.estimate_input_tokens, api, raw, model)
             else:
                 input_tokens = _core.estimate_input_tokens(api, raw, model)
-            output_tokens = 0 if api == "embeddings" else _output_cap(body)
+            output_tokens = max_output_tokens(api, body)
             tokens = input_tokens + output_tokens
             if key.budget_usd is not None:
-                worst = self._worst_cost(route, model, input_tokens, output_tokens)
-                if isinstance(worst, str):
-                    return Denial(403, worst, "price_unknown")
-                usd = worst
+                usd, unknown = worst_case_cost(self.routes, route, model, input_tokens, output_tokens)
+                if unknown is not None:
+                    return Denial(
+                        403,
+                        f"a USD budget cannot be enforced on route {route.name!r}: deployment {unknown!r} has no "
+                        "known price; give it `price = {input = ..., output = ...}` (USD per 1M tokens) in the config",
+                        "price_unknown",
+                    )
         result = self.admission.admit(key, usd, tokens)
         if isinstance(result, Denial):
             return result
         outcome.extra["settle"] = self._settler(result)
         return None
-
-    def _worst_cost(self, route: Route, model: str, input_tokens: int, output_tokens: int) -> float | str:
-        """The dearest cost among the deployments that may serve the request (its fallbacks included)."""
-        relay_routes = [route]
-        worst = 0.0
-        for name in route.fallbacks:
-            fallback = self.routes.get(name)
-            if fallback is not None:
-                relay_routes.append(fallback)
-        for r in relay_routes:
-            for d in r.deployments:
-                price = self._price(r.name, d, d.upstream_model(model, r.name))
-                if price is None:
-                    return (
-                        f"a USD budget cannot be enforced on route {r.name!r}: deployment {d.name!r} has no known "
-                        f"price; give it `price = {{input = ..., output = ...}}` (USD per 1M tokens) in the config"
-                    )
-                input_rate = max(price.input, price.cache_write or 0.0)
-                worst = max(worst, (input_tokens * input_rate + output_tokens * price.output) / 1_000_000)
-        return worst
 
     def _settler(self, reservation: Reservation) -> Callable[[Outcome], None]:
         def settle(outcome: Outcome) -> None:
@@ -248,36 +232,10 @@ class Gate:
             if usage is None:
                 self.admission.settle(reservation, 0.0, 0)
                 return
-            cost = _cost(self.meter, outcome)
+            cost = self.meter.cost(outcome)
             self.admission.settle(reservation, cost or 0.0, usage.input + usage.output)
 
         return settle
-
-
-def _cost(meter: Metering, outcome: Outcome) -> float | None:
-    usage = outcome.usage
-    assert usage is not None
-    return cost_usd(
-        meter.price(outcome),
-        input=usage.input,
-        output=usage.output,
-        cached_input=usage.cached_input,
-        cache_write=usage.cache_write,
-    )
-
-
-def _output_cap(body: dict[str, Any]) -> int:
-    """The most output tokens a request may produce: its own cap (times `n` choices), else the default."""
-    cap = DEFAULT_OUTPUT_RESERVE
-    for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
-        value = body.get(name)
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-            cap = value
-            break
-    n = body.get("n")
-    if isinstance(n, int) and not isinstance(n, bool) and n > 1:
-        cap *= n
-    return cap
 
 
 # --- the middleware ---------------------------------------------------------------------------------------------

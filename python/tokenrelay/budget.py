@@ -9,7 +9,55 @@ the one implementation behind client-key budgets too.
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
+
+from tokenrelay.config import Route
+from tokenrelay.pricing import cost_usd, price_for, provider_from_url
+
+# Output tokens reserved for a request that sets no limit of its own.
+DEFAULT_OUTPUT_TOKENS = 4096
+
+
+def max_output_tokens(api: str, body: Mapping[str, Any]) -> int:
+    """The most output tokens a request may produce: its own cap (times `n` choices), else the default."""
+    if api in ("embeddings", "count_tokens"):
+        return 0
+    cap = DEFAULT_OUTPUT_TOKENS
+    for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
+        value = body.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            cap = value
+            break
+    n = body.get("n")
+    if isinstance(n, int) and not isinstance(n, bool) and n > 1:
+        cap *= n
+    return cap
+
+
+def worst_case_cost(
+    routes: Mapping[str, Route], route: Route, requested: str, input_tokens: int, output_tokens: int
+) -> tuple[float, str | None]:
+    """The most a request can cost on any deployment of the route or its fallbacks (input priced at the dearer of
+    the input and cache-write rates), and the name of a deployment whose price is unknown, if any (its cost
+    counts as 0 in the figure)."""
+    worst, unknown = 0.0, None
+    for candidate in (route, *(routes[n] for n in route.fallbacks if n in routes)):
+        for d in candidate.deployments:
+            try:
+                price = price_for(
+                    d.upstream_model(requested, candidate.name), d.price, provider=provider_from_url(d.base_url)
+                )
+            except ValueError:
+                price = None
+            if price is None:
+                unknown = unknown or d.name
+                continue
+            for cache_write in (0, input_tokens):  # a cache write can cost more than plain input
+                cost = cost_usd(price, input=input_tokens, output=output_tokens, cache_write=cache_write)
+                worst = max(worst, cost or 0.0)
+    return worst, unknown
 
 
 @dataclass(eq=False)

@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from tokenrelay.ledger import connect_readonly, default_db_path, open_db
+from tokenrelay.ledger_query import parse_time
 
 KEY_PREFIX = "tr-"
 ID_HEX = 12
 PERIODS = ("day", "month")
 _KEY_SHAPE = re.compile(r"^tr-([0-9a-f]{12})-([A-Za-z0-9_-]{20,})$")
 _NAME_SHAPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@:/-]{0,63}$")
-_RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([hdw])\s*$")
 _COLUMNS = "id, name, salt, hash, routes, budget_usd, period, tpm, rpm, expires_at, created_at, revoked_at, updated_at"
 
 
@@ -99,16 +99,8 @@ def key_id_of(key: str) -> str | None:
 def parse_expires(text: str, now: float | None = None) -> float:
     """Unix time from `30d`, `12h`, `2w` (from now), `2026-12-31` (local midnight starting that day), an ISO
     datetime (local time unless it has an offset) or a Unix timestamp."""
-    now = time.time() if now is None else now
-    if m := _RELATIVE.match(text):
-        return now + float(m.group(1)) * {"h": 3600.0, "d": 86400.0, "w": 604800.0}[m.group(2)]
-    stripped = text.strip()
     try:
-        return float(stripped)
-    except ValueError:
-        pass
-    try:
-        return dt.datetime.fromisoformat(stripped.replace("Z", "+00:00")).timestamp()
+        return parse_time(text, now, ago=False)
     except ValueError:
         raise KeyProblem(f"cannot read --expires {text!r}: use 30d, 12h, 2w, 2026-12-31 or an ISO datetime") from None
 

@@ -34,9 +34,15 @@ _RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 def parse_since(text: str, now: float | None = None) -> float:
     """Unix time from `30m`, `1h`, `7d`, `2w` (ago), `2026-11-01` (local midnight), an ISO datetime
     (local time unless it has an offset) or a Unix timestamp."""
+    return parse_time(text, now, ago=True)
+
+
+def parse_time(text: str, now: float | None = None, *, ago: bool) -> float:
+    """A time as people write it: a duration (`30m`, `1h`, `7d`, `2w`) counted back from now (`ago`) or ahead,
+    a date (local midnight starting it), an ISO datetime (local time unless it has an offset) or a Unix time."""
     now = time.time() if now is None else now
     if m := _RELATIVE.match(text):
-        return now - float(m.group(1)) * _UNITS[m.group(2)]
+        return now + (-1 if ago else 1) * float(m.group(1)) * _UNITS[m.group(2)]
     stripped = text.strip()
     try:
         return float(stripped)

@@ -118,6 +118,20 @@ class Metering:
                 self._prices[key] = None
         return self._prices[key]
 
+    def cost(self, outcome: Outcome) -> float | None:
+        """What a finished request cost: 0 with no usage (rejected, or nothing answered), None when the price is
+        unknown (never a made-up zero)."""
+        usage = outcome.usage
+        if usage is None:
+            return 0.0
+        return cost_usd(
+            self.price(outcome),
+            input=usage.input,
+            output=usage.output,
+            cached_input=usage.cached_input,
+            cache_write=usage.cache_write,
+        )
+
     def record(self, outcome: Outcome) -> None:
         """Records a finished request exactly once. Never raises: metering must not break relaying."""
         if not outcome.ended_ns:
@@ -130,18 +144,7 @@ class Metering:
 
     def _record(self, outcome: Outcome) -> None:
         usage = outcome.usage
-        # No usage means no tokens were spent (rejected, or the upstream failed before answering): cost 0.
-        # With usage, an unknown price is null, never zero.
-        cost: float | None = 0.0
-        if usage is not None:
-            cost = cost_usd(
-                self.price(outcome),
-                input=usage.input,
-                output=usage.output,
-                cached_input=usage.cached_input,
-                cache_write=usage.cache_write,
-            )
-        row = self.summary(outcome, cost)
+        row = self.summary(outcome, self.cost(outcome))
         self.meters.record(
             ts=outcome.ts,
             route=outcome.route,
@@ -163,7 +166,7 @@ class Metering:
             cached_estimated=row["cached_estimated"],
             cache_write_estimated=row["cache_write_estimated"],
             reasoning_estimated=row["reasoning_estimated"],
-            cost_usd=cost,
+            cost_usd=row["cost_usd"],
             ttft_s=row["ttft_s"],
             duration_s=row["duration_s"],
             stream=outcome.stream,

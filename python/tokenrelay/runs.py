@@ -17,17 +17,15 @@ from aiohttp import web
 
 from tokenrelay import ledger_query
 from tokenrelay._core import estimate_input_tokens
-from tokenrelay.budget import Budget, Reservation
+from tokenrelay.budget import Budget, Reservation, max_output_tokens, worst_case_cost
 from tokenrelay.config import Config, Route
 from tokenrelay.ledger import connect_readonly, open_db
 from tokenrelay.metering import Metering, Outcome
-from tokenrelay.pricing import cost_usd, price_for, provider_from_url
 
 log = logging.getLogger("tokenrelay.runs")
 
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 # The output a request may produce when it does not say (no max_tokens): its worst case for a budget.
-DEFAULT_OUTPUT_TOKENS = 4096
 # Local token counts (o200k) can be below a provider's own tokenizer (Claude's counts more): reserve a margin.
 INPUT_MARGIN = 1.25
 MAX_RUNS_IN_MEMORY = 10_000
@@ -150,34 +148,6 @@ class RunRegistry:
 RUNS: web.AppKey[RunRegistry] = web.AppKey("runs", RunRegistry)
 
 
-def max_output_tokens(api: str, body: dict[str, Any]) -> int:
-    """The most output tokens the request allows (DEFAULT_OUTPUT_TOKENS when it sets no limit)."""
-    if api in ("embeddings", "count_tokens"):
-        return 0
-    for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
-        value = body.get(name)
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-            return value
-    return DEFAULT_OUTPUT_TOKENS
-
-
-def worst_case_cost(config: Config, route: Route, requested: str, input_tokens: int, output_tokens: int) -> float:
-    """The most the request can cost on any deployment of the route or its fallbacks (unknown prices: 0)."""
-    worst = 0.0
-    for candidate in (route, *(config.routes[n] for n in route.fallbacks if n in config.routes)):
-        for d in candidate.deployments:
-            try:
-                price = price_for(
-                    d.upstream_model(requested, candidate.name), d.price, provider=provider_from_url(d.base_url)
-                )
-            except ValueError:
-                price = None
-            for cache_write in (0, input_tokens):  # a cache write can cost more than plain input
-                cost = cost_usd(price, input=input_tokens, output=output_tokens, cache_write=cache_write)
-                worst = max(worst, cost or 0.0)
-    return worst
-
-
 async def admit(
     app: web.Application, config: Config, outcome: Outcome, route: Route, api: str, body: dict[str, Any], raw: bytes
 ) -> str | None:
@@ -191,8 +161,8 @@ async def admit(
         budget.rejected += 1
         return _refusal(run, budget, None)
     counted = await asyncio.to_thread(estimate_input_tokens, api, raw, outcome.requested_model)
-    worst = worst_case_cost(
-        config, route, outcome.requested_model, round(counted * INPUT_MARGIN), max_output_tokens(api, body)
+    worst, _ = worst_case_cost(  # an unknown price counts 0: the run is still stopped by what is known
+        config.routes, route, outcome.requested_model, round(counted * INPUT_MARGIN), max_output_tokens(api, body)
     )
     token = budget.reserve(worst)
     if token is None:
@@ -216,20 +186,6 @@ def _refusal(run: Run, budget: Budget, worst: float | None) -> str:
     )
 
 
-def outcome_cost(meter: Metering, outcome: Outcome) -> float | None:
-    """What the request cost, as the meters record it (0 with no usage; None when the price is unknown)."""
-    usage = outcome.usage
-    if usage is None:
-        return 0.0
-    return cost_usd(
-        meter.price(outcome),
-        input=usage.input,
-        output=usage.output,
-        cached_input=usage.cached_input,
-        cache_write=usage.cache_write,
-    )
-
-
 def settle(meter: Metering, outcome: Outcome) -> None:
     """Settles the request's budget reservation, if it made one. Never raises."""
     held: tuple[Budget, Reservation] | None = outcome.extra.pop(_BUDGET_KEY, None)
@@ -237,7 +193,7 @@ def settle(meter: Metering, outcome: Outcome) -> None:
         return
     budget, token = held
     try:
-        budget.settle(token, outcome_cost(meter, outcome))
+        budget.settle(token, meter.cost(outcome))
     except Exception:  # pragma: no cover - a bug here must not fail a served request
         log.exception("could not settle the run budget of request %s", outcome.request_id)
         budget.settle(token, token.amount)
