@@ -151,6 +151,7 @@ async def test_sigterm_past_the_grace_period_cancels_and_meters(
     totals = ledger_query.query_usage(d.db_path)["totals"]
     assert totals["requests"] == 5
     assert totals["successes"] == 0
+    assert totals["errors_by_class"]["cancelled"] == 5  # cut by the shutdown, not by the clients
     assert totals["tokens"]["output"]["estimated"] > 0
 
 

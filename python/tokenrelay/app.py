@@ -128,6 +128,7 @@ async def serve(config: Config, sock: socket.socket | None = None, ready_fd: int
         os.write(ready_fd, f"{port}\n".encode())
     print(f"tokenrelay listening on http://{host}:{port}", flush=True)
     await stop.wait()
+    app[RELAY].stopping = True
     log.info(
         "shutting down: finishing %d in-flight requests (grace %.0f s)",
         app[RELAY].in_flight,

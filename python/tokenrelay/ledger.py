@@ -103,6 +103,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX runs_started ON runs (started)",
     ),
+    # Requests cut by a shutdown past its grace period (error class "cancelled").
+    ("ALTER TABLE usage_minute ADD COLUMN errors_cancelled INTEGER NOT NULL DEFAULT 0",),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

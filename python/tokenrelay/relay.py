@@ -257,6 +257,7 @@ class Relay:
         self.meter = meter
         self.pools: dict[str, RoutePool] = {name: RoutePool(route) for name, route in config.routes.items()}
         self.in_flight = 0
+        self.stopping = False  # set when a shutdown begins: handlers cancelled after that were cut by it
 
     @property
     def db_path(self) -> str:
@@ -294,6 +295,13 @@ class Relay:
                 outstanding.append(f"tokenrelay_upstream_outstanding{{{labels}}} {state['outstanding']}")
         return "\n".join(lines + outstanding) + "\n"
 
+    def _cancelled(self, outcome: Outcome, why: str) -> None:
+        """A handler cancelled: by the client going away, or by a shutdown past its grace period."""
+        if self.stopping:
+            outcome.fail(503, metering.CANCELLED, "cut: the daemon shut down past its grace period")
+        else:
+            outcome.fail(499, metering.CLIENT_DISCONNECT, why)
+
     async def handle(self, call: Call, route: Route) -> web.StreamResponse:
         """Relays the call; meters it once however it ends (including the client going away)."""
         self.in_flight += 1
@@ -302,7 +310,7 @@ class Relay:
             return await self._serve(call, route)
         except asyncio.CancelledError:
             if not outcome.error_class and not outcome.delivered:
-                outcome.fail(499, metering.CLIENT_DISCONNECT, "the client closed the connection")
+                self._cancelled(outcome, "the client closed the connection")
             raise
         finally:
             self.in_flight -= 1
@@ -705,7 +713,7 @@ class Relay:
                 attempt.release(SUCCESS, outcome.usage)
             else:
                 why = watchdog.describe() if watchdog.fired == "client" else "the client closed the connection"
-                outcome.fail(499, metering.CLIENT_DISCONNECT, why)
+                self._cancelled(outcome, why)
                 attempt.release(CANCELLED, outcome.usage)
             raise
         finally:

@@ -10,7 +10,7 @@ use histogram::Histogram;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 /// Why a request failed, one counter column each (`errors_<class>`).
-pub const ERROR_CLASSES: [&str; 8] = [
+pub const ERROR_CLASSES: [&str; 9] = [
     "client_4xx",
     "upstream_4xx",
     "rate_limited",
@@ -19,6 +19,7 @@ pub const ERROR_CLASSES: [&str; 8] = [
     "client_disconnect",
     "cancelled_hedge",
     "upstream_error",
+    "cancelled",
 ];
 
 /// Token kinds, each counted twice: as reported by the provider and as estimated locally.
@@ -77,7 +78,7 @@ pub struct Row {
     pub requests: u64,
     pub successes: u64,
     /// Per [`ERROR_CLASSES`] entry.
-    pub errors: [u64; 8],
+    pub errors: [u64; ERROR_CLASSES.len()],
     /// `[kind][0 = reported, 1 = estimated]`, kinds in [`TOKEN_KINDS`] order.
     pub tokens: [[u64; 2]; 5],
     /// Sum of the known costs.
