@@ -515,6 +515,10 @@ class Relay:
                 await self._open_stream(attempt, upstream, strip_usage)
             else:
                 await self._read_body(attempt, upstream)
+            if attempt.final is not None:
+                # A complete answer: its deadlines are over. (Left armed, the timer would keep the watchdog and the
+                # upstream response alive until the first-token deadline, minutes away.)
+                watchdog.cancel()
             ok = True
         except _Retry:
             attempt.close()
