@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +29,16 @@ TIMEOUT = "timeout"
 CLIENT_DISCONNECT = "client_disconnect"
 CANCELLED_HEDGE = "cancelled_hedge"
 CANCELLED = "cancelled"
+
+
+_REQUEST_ID_PREFIX = os.urandom(8).hex()  # per process: workers and restarts never share one
+_request_counter = itertools.count()
+
+
+def new_request_id() -> str:
+    """A unique request id, 32 hex digits like a UUID's: a random per-process prefix and a counter (no syscall per
+    request, unlike uuid4)."""
+    return f"{_REQUEST_ID_PREFIX}{next(_request_counter) & 0xFFFFFFFFFFFFFFFF:016x}"
 
 
 def key_id(secret: str) -> str:

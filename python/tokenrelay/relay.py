@@ -14,7 +14,6 @@ import contextlib
 import dataclasses
 import logging
 import time
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -108,8 +107,8 @@ class _Watchdog:
     neither drains nor grows) is disconnected, so a write blocked on a full buffer cannot hang the handler.
     """
 
-    def __init__(self, route: Route) -> None:
-        self.loop = asyncio.get_running_loop()
+    def __init__(self, route: Route, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
         self.timeouts = route.timeouts
         self.started = self.last = self.loop.time()
         self.first = True
@@ -256,6 +255,9 @@ class Relay:
         self.session = session
         self.meter = meter
         self.pools: dict[str, RoutePool] = {name: RoutePool(route) for name, route in config.routes.items()}
+        # Built in the app's startup, on its loop; cached because in Python 3.11 every get_running_loop() is a
+        # getpid() system call.
+        self.loop = asyncio.get_running_loop()
         self.in_flight = 0
         self.stopping = False  # set when a shutdown begins: handlers cancelled after that were cut by it
 
@@ -343,7 +345,7 @@ class Relay:
         outcome = call.outcome
         outcome.route = route.name
         tried: list[int] = []
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         deadline = loop.time() + route.retry_budget_s
         last: _Retry | None = None
         while len(tried) < route.max_attempts and loop.time() < deadline:
@@ -427,7 +429,7 @@ class Relay:
         if task.exception() if not task.cancelled() else None:
             return  # it had failed on its own: nothing was spent beyond what failed attempts cost
         call = loser.call
-        record = dataclasses.replace(call.outcome, request_id=uuid.uuid4().hex, attempts=1, extra={})
+        record = dataclasses.replace(call.outcome, request_id=metering.new_request_id(), attempts=1, extra={})
         loser.fill(record)
         record.fail(499, metering.CANCELLED_HEDGE, "a hedged attempt on another deployment answered first")
         if loser.meter is not None:
@@ -483,8 +485,9 @@ class Relay:
         if attempt.upstream_path is None:
             self._count_locally(attempt)
             return
-        watchdog = attempt.watchdog = _Watchdog(attempt.route)
-        watchdog.task = asyncio.current_task()
+        loop = self.loop
+        watchdog = attempt.watchdog = _Watchdog(attempt.route, loop)
+        watchdog.task = asyncio.current_task(loop)
         ok = False
         try:
             try:
@@ -573,7 +576,7 @@ class Relay:
         if call.api != "count_tokens":
             try:
                 if len(data) + len(call.raw) > ESTIMATE_INLINE_BYTES:
-                    loop = asyncio.get_running_loop()
+                    loop = self.loop
                     usage = await loop.run_in_executor(
                         None, decode_body, attempt.upstream_api, data, attempt.model, call.raw
                     )
@@ -603,7 +606,7 @@ class Relay:
         meter = attempt.meter = StreamMeter(attempt.upstream_api, attempt.model, strip_usage, translate_to)
         watchdog = attempt.watchdog
         assert watchdog is not None
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         reader = upstream.content
         hold = min(MAX_HOLD_S, attempt.route.keepalive_interval_s or MAX_HOLD_S)
         hold_until = loop.time() + hold
@@ -675,7 +678,7 @@ class Relay:
         if not headers.get("content-type", "").startswith("text/event-stream"):
             headers["content-type"] = "text/event-stream"  # the upstream mislabelled its stream (text/plain...)
         response = web.StreamResponse(status=upstream.status, headers=headers)
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         reader = upstream.content
         failure: str | None = None
         watchdog.watch_client(call.request.transport, self.config.write_timeout_s)
@@ -754,7 +757,7 @@ class Relay:
         meter, upstream, watchdog = attempt.meter, attempt.upstream, attempt.watchdog
         assert meter is not None and upstream is not None and watchdog is not None
         interval = attempt.route.keepalive_interval_s
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         at_boundary = not attempt.held or attempt.held[-1].endswith((b"\n\n", b"\r\n\r\n", b"\r\r"))
         while not (meter.content_started or meter.done or meter.error is not None):
             try:
@@ -785,7 +788,7 @@ class Relay:
         if not (pending > ESTIMATE_INLINE_BYTES or (pending and not _vocabulary_loaded)):
             usage = call.outcome.usage = meter.finish(call.raw)
             return usage
-        counting = asyncio.get_running_loop().run_in_executor(None, meter.finish, call.raw)
+        counting = self.loop.run_in_executor(None, meter.finish, call.raw)
         try:
             usage = await asyncio.shield(counting)
         except asyncio.CancelledError:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -64,7 +63,7 @@ def endpoint(api: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]
         principal = request.get(auth.PRINCIPAL)  # set by the auth middleware once client keys exist
         secret = client_identity(request.headers)
         outcome = Outcome(
-            request_id=uuid.uuid4().hex,
+            request_id=metering.new_request_id(),
             ts=time.time(),
             started_ns=time.monotonic_ns(),
             api=api,
@@ -116,8 +115,11 @@ def endpoint(api: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]
         outcome.tags = tags
         timeout = relay.config.body_timeout_s
         try:
-            async with asyncio.timeout(timeout):
+            if request.content.is_eof():  # the whole body has arrived (the usual case): the read cannot wait
                 raw = await request.read()
+            else:
+                async with asyncio.timeout(timeout):
+                    raw = await request.read()
         except TimeoutError:
             # A slowloris body: drop the connection too, the rest of the body may never come.
             response = reject(408, f"the request body did not arrive within body_timeout_s ({timeout:g} s)")
