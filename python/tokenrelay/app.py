@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -27,6 +28,10 @@ from tokenrelay.routing import health_check_loop
 from tokenrelay.state import BACKGROUND, RELAY, STARTED
 from tokenrelay.upstream import make_session
 
+# The cyclic GC's first generation is collected every GC_THRESHOLD_0 net allocations instead of Python's 700: each
+# pass re-walks the objects of every request in flight, so at 700 a busy daemon spent ~5-8% of its loop there.
+# Reference counting frees almost everything a request allocates; cycles wait a little longer, nothing more.
+GC_THRESHOLD_0 = 10_000
 log = logging.getLogger("tokenrelay")
 
 
@@ -114,6 +119,10 @@ async def serve(config: Config, sock: socket.socket | None = None, ready_fd: int
     await runner.setup()
     site = web.SockSite(runner, sock, shutdown_timeout=config.shutdown_grace_s)
     await site.start()
+    # Everything built so far (modules, config, app) lives as long as the process: out of the GC's sight.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD_0, *gc.get_threshold()[1:])
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
