@@ -258,6 +258,7 @@ class Relay:
         # Built in the app's startup, on its loop; cached because in Python 3.11 every get_running_loop() is a
         # getpid() system call.
         self.loop = asyncio.get_running_loop()
+        self._client_timeouts: dict[float, aiohttp.ClientTimeout] = {}
         self.in_flight = 0
         self.stopping = False  # set when a shutdown begins: handlers cancelled after that were cut by it
 
@@ -495,9 +496,7 @@ class Relay:
                     upstream_url(deployment, attempt.upstream_path),
                     data=body,
                     headers=upstream_headers(deployment, call.request.headers, call.stream),
-                    timeout=aiohttp.ClientTimeout(
-                        total=None, connect=attempt.route.timeouts.connect, sock_connect=attempt.route.timeouts.connect
-                    ),
+                    timeout=self._client_timeout(attempt.route.timeouts.connect),
                 )
             except asyncio.CancelledError:
                 if watchdog.fired is None:
@@ -529,6 +528,15 @@ class Relay:
         finally:
             if not ok:
                 attempt.close()
+
+    def _client_timeout(self, connect: float) -> aiohttp.ClientTimeout:
+        """aiohttp's timeouts for a connect deadline (the other deadlines are the watchdog's), one per value."""
+        timeout = self._client_timeouts.get(connect)
+        if timeout is None:
+            timeout = self._client_timeouts[connect] = aiohttp.ClientTimeout(
+                total=None, connect=connect, sock_connect=connect
+            )
+        return timeout
 
     async def _upstream_error(self, attempt: Attempt, upstream: aiohttp.ClientResponse) -> None:
         """An error status: retry elsewhere if it is the deployment's fault, else keep it to pass on."""
@@ -615,12 +623,16 @@ class Relay:
                 remaining = hold_until - loop.time()
                 if remaining <= 0:
                     break
-                try:
-                    chunk = await asyncio.wait_for(reader.readany(), remaining)
-                except TimeoutError:
-                    break
+                chunk = reader.read_nowait()  # usually the opening events are in already: no timer, no task
                 if not chunk:
-                    break
+                    if reader.is_eof():
+                        break
+                    try:
+                        chunk = await asyncio.wait_for(reader.readany(), remaining)
+                    except TimeoutError:
+                        break
+                    if not chunk:
+                        break
                 watchdog.last = loop.time()
                 out = meter.feed(chunk)
                 attempt.held.append(chunk if out is None else out)
