@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import gc
+import sqlite3
 from pathlib import Path
 
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from tokenrelay import relay
+from tokenrelay._core import decode_body
 from tokenrelay.app import build_app
 from tokenrelay.config import parse_config
+from tokenrelay.ledger import REQUEST_COLUMNS, Ledger
+from tokenrelay.metering import Metering, Outcome
 
 
 async def _upstream() -> TestServer:
@@ -59,3 +63,45 @@ async def test_finished_non_streaming_requests_leave_no_watchdog_alive(tmp_path:
     finally:
         await client.close()
         await upstream.close()
+
+
+def _outcomes() -> list[Outcome]:
+    answer = (
+        b'{"id":"x","object":"chat.completion","model":"m","choices":[],'
+        b'"usage":{"prompt_tokens":7,"completion_tokens":5,"total_tokens":12,'
+        b'"prompt_tokens_details":{"cached_tokens":2},"completion_tokens_details":{"reasoning_tokens":3}}}'
+    )
+    served = Outcome("req-1", 1_800_000_000.5, 1_000, "chat", "r", True, "r", run="run-1", tags="a,b", key_id="k1")
+    served.deployment, served.model, served.status, served.attempts = "d0", "m", 200, 1
+    served.usage = decode_body("chat", answer, "m", b'{"model":"r","messages":[]}')
+    served.first_token_ns, served.ended_ns = 2_000_000, 9_000_000
+    estimated = Outcome("req-2", 1_800_000_001.0, 1_000, "messages", "r", False, "r", key_name="agent")
+    estimated.usage = decode_body("messages", b'{"content":[{"type":"text","text":"hello there"}]}', "m", b"{}")
+    estimated.ended_ns = 5_000
+    failed = Outcome("req-3", 1_800_000_002.0, 1_000, "chat", "nope", False, "nope")
+    failed.fail(404, "client_4xx", "x" * 900)
+    failed.ended_ns = 2_000
+    return [served, estimated, failed]
+
+
+def test_summary_rows_are_stored_as_the_general_row_conversion_stores_them(tmp_path: Path) -> None:
+    ledger = Ledger(None, tmp_path / "u.db")
+    ledger.start()
+    try:
+        for outcome in _outcomes():
+            row = Metering.summary(outcome, 0.25 if outcome.usage is not None else None)
+            ledger.log_summary(row)  # the fast path: itemgetter on the loop
+            ledger.log_request(row)  # the general one: converted in the writer thread
+        assert ledger.flush()
+    finally:
+        ledger.close()
+    conn = sqlite3.connect(tmp_path / "u.db")
+    rows = conn.execute(f"SELECT {', '.join(REQUEST_COLUMNS)} FROM requests ORDER BY id").fetchall()
+    conn.close()
+    assert len(rows) == 6
+    for fast, general in zip(rows[0::2], rows[1::2], strict=True):
+        assert fast == general
+        assert [type(v) for v in fast] == [type(v) for v in general]
+    assert rows[0][REQUEST_COLUMNS.index("cached_input")] == 2 and rows[0][REQUEST_COLUMNS.index("reasoning")] == 3
+    assert rows[2][REQUEST_COLUMNS.index("output_estimated")] == 1
+    assert len(rows[4][REQUEST_COLUMNS.index("error")]) == 500

@@ -7,6 +7,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import operator
 import os
 import sqlite3
 import threading
@@ -241,6 +242,11 @@ def _request_params(row: Mapping[str, Any]) -> tuple[object, ...]:
     )  # fmt: skip
 
 
+# A `Metering.summary` row as `requests` parameters: its fields already have their column's type (bools are
+# stored as 0/1, the error message is cut to 500 characters by Outcome.fail).
+_summary_params = operator.itemgetter(*REQUEST_COLUMNS)
+
+
 class Ledger:
     """Flushes `meters` and the per-request log to SQLite every `interval` seconds from its own thread.
 
@@ -268,7 +274,7 @@ class Ledger:
         self._retention_every_s = retention_every_s
         self._max_pending = max_pending_requests
         self._busy_timeout_ms = busy_timeout_ms
-        self._pending: collections.deque[Mapping[str, Any]] = collections.deque()
+        self._pending: collections.deque[Mapping[str, Any] | tuple[object, ...]] = collections.deque()
         self._lock = threading.Lock()
         self._cond = threading.Condition()
         self._wake = threading.Event()
@@ -287,13 +293,19 @@ class Ledger:
         self.flushes = 0
 
     # -- event-loop side -------------------------------------------------------------------------------
-    def log_request(self, row: Mapping[str, Any]) -> None:
-        """Queues one per-request log row (O(1), no I/O). See `REQUEST_COLUMNS` for the fields."""
+    def log_request(self, row: Mapping[str, Any] | tuple[object, ...]) -> None:
+        """Queues one per-request log row (O(1), no I/O). See `REQUEST_COLUMNS` for the fields; a tuple is taken as
+        the row's parameters in that order, ready to insert."""
         with self._lock:
             self._pending.append(row)
             if len(self._pending) > self._max_pending:
                 self._pending.popleft()
                 self._count_dropped(1)
+
+    def log_summary(self, row: Mapping[str, Any]) -> None:
+        """`log_request` for a `Metering.summary` row: its parameters are taken at once (one C call), so the writer
+        thread has nothing to convert while it holds the GIL."""
+        self.log_request(_summary_params(row))
 
     @property
     def pending_requests(self) -> int:
@@ -364,7 +376,7 @@ class Ledger:
             log.warning("ledger request log queue full (%d rows): dropping oldest", self._max_pending)
         self.dropped_requests += n
 
-    def _requeue(self, batch: collections.deque[Mapping[str, Any]]) -> None:
+    def _requeue(self, batch: collections.deque[Mapping[str, Any] | tuple[object, ...]]) -> None:
         with self._lock:
             batch.extend(self._pending)
             overflow = len(batch) - self._max_pending
@@ -401,11 +413,11 @@ class Ledger:
         rows = self._meters.drain() if self._meters is not None else []
         with self._lock:
             taken, self._pending = self._pending, collections.deque()
-        batch: collections.deque[Mapping[str, Any]] = collections.deque()
+        batch: collections.deque[Mapping[str, Any] | tuple[object, ...]] = collections.deque()
         params = []
         for row in taken:
             try:
-                params.append(_request_params(row))
+                params.append(row if isinstance(row, tuple) else _request_params(row))
                 batch.append(row)
             except (TypeError, ValueError) as exc:
                 log.warning("ledger: dropping a malformed request row: %s", exc)

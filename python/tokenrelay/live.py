@@ -88,7 +88,8 @@ class LiveStats:
 
     def __init__(self) -> None:
         self.tokens = TokenRate()
-        self.recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=RECENT_REQUESTS)
+        # (seq, Metering.summary row): the row is not copied, and never changed after it is recorded
+        self.recent: collections.deque[tuple[int, dict[str, Any]]] = collections.deque(maxlen=RECENT_REQUESTS)
         self.ttfts: dict[tuple[str, str], collections.deque[float]] = {}
         self.seq = 0  # requests seen
 
@@ -107,23 +108,30 @@ class LiveStats:
             if samples is None:
                 samples = self.ttfts[key] = collections.deque(maxlen=RECENT_TTFTS)
             samples.append(ttft)
-        self.recent.append(
-            {
-                "seq": self.seq,
-                "ts": start,
-                "route": row["route"],
-                "deployment": row["deployment"],
-                "model": row["model"],
-                "api": row["api"],
-                "stream": row["stream"],
-                "status": row["status"],
-                "error_class": row["error_class"],
-                "run": row["run"],
-                "key": row["key_name"] or row["key_id"],
-                "input": row["input"],
-                "output": row["output"],
-                "cost_usd": row["cost_usd"],
-                "ttft_s": ttft,
-                "duration_s": row["duration_s"],
-            }
-        )
+        self.recent.append((self.seq, row))  # the UI's view of it is built only when someone reads it
+
+    def recent_requests(self, n: int) -> list[dict[str, Any]]:
+        """The last `n` finished requests, newest first, as `/ui` shows them."""
+        shown = list(self.recent)[-n:] if n > 0 else []
+        return [_recent_view(seq, row) for seq, row in reversed(shown)]
+
+
+def _recent_view(seq: int, row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "seq": seq,
+        "ts": float(row["ts"]),
+        "route": row["route"],
+        "deployment": row["deployment"],
+        "model": row["model"],
+        "api": row["api"],
+        "stream": row["stream"],
+        "status": row["status"],
+        "error_class": row["error_class"],
+        "run": row["run"],
+        "key": row["key_name"] or row["key_id"],
+        "input": row["input"],
+        "output": row["output"],
+        "cost_usd": row["cost_usd"],
+        "ttft_s": row["ttft_s"],
+        "duration_s": row["duration_s"],
+    }

@@ -185,7 +185,7 @@ class Metering:
             api=outcome.api,
         )
         if self.ledger is not None:
-            self.ledger.log_request(row)
+            self.ledger.log_summary(row)
         self.live.add(row)
         if self.log_requests and log.isEnabledFor(logging.INFO):
             log.info("%s", orjson.dumps({**row, "usage": usage.to_dict() if usage is not None else None}).decode())
@@ -214,16 +214,31 @@ class Metering:
             "ttft_s": outcome.ttft_s,
             "duration_s": outcome.duration_s,
         }
-        for field_name, source in _USAGE_FIELDS:
-            row[field_name] = getattr(usage, field_name) if usage is not None else 0
-            row[f"{source}_estimated"] = usage is not None and getattr(usage, f"{field_name}_source") == "estimated"
+        if usage is None:
+            row.update(_NO_USAGE)
+        else:
+            row["input"] = usage.input
+            row["output"] = usage.output
+            row["cached_input"] = usage.cached_input
+            row["cache_write"] = usage.cache_write
+            row["reasoning"] = usage.reasoning
+            row["input_estimated"] = usage.input_source == "estimated"
+            row["output_estimated"] = usage.output_source == "estimated"
+            row["cached_estimated"] = usage.cached_input_source == "estimated"
+            row["cache_write_estimated"] = usage.cache_write_source == "estimated"
+            row["reasoning_estimated"] = usage.reasoning_source == "estimated"
         return row
 
 
-_USAGE_FIELDS = (
-    ("input", "input"),
-    ("output", "output"),
-    ("cached_input", "cached"),
-    ("cache_write", "cache_write"),
-    ("reasoning", "reasoning"),
-)
+_NO_USAGE: dict[str, Any] = {
+    "input": 0,
+    "output": 0,
+    "cached_input": 0,
+    "cache_write": 0,
+    "reasoning": 0,
+    "input_estimated": False,
+    "output_estimated": False,
+    "cached_estimated": False,
+    "cache_write_estimated": False,
+    "reasoning_estimated": False,
+}

@@ -232,7 +232,7 @@ class Hub:
             "series": {"step_s": 1, "in": [round(v, 2) for v in ins], "out": [round(v, 2) for v in outs]},
             "ttft_hist": {"bounds_ms": list(TTFT_BOUNDS_MS), "counts": counts},
             "routes": routes,
-            "recent": list(reversed(list(live.recent)[-RECENT_SHOWN:])),
+            "recent": live.recent_requests(RECENT_SHOWN),
             "seen": live.seq,
             "cost_today": self.cost,
         }
