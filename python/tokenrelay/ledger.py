@@ -317,9 +317,16 @@ class Ledger:
             return
         self._thread = threading.Thread(target=self._run, name="tokenrelay-ledger", daemon=True)
         self._thread.start()
-        if not self.flush():
-            self.close()
-            raise LedgerError(f"cannot open the ledger at {self.path}: {self.last_error}")
+        # Processes opening a new file at once can find it locked while another migrates it (switching to WAL does
+        # not wait on SQLite's busy handler): that is retried for as long as the busy timeout; anything else raises.
+        deadline = time.monotonic() + self._busy_timeout_ms / 1000
+        while not self.flush():
+            error = self.last_error
+            transient = error is None or "locked" in error or "busy" in error
+            if not transient or time.monotonic() >= deadline:
+                self.close()
+                raise LedgerError(f"cannot open the ledger at {self.path}: {error}")
+            time.sleep(0.01)
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Wakes the writer and waits for a complete flush cycle; True if it wrote everything."""
