@@ -19,6 +19,8 @@
 
 mod request;
 mod response;
+mod responses;
+mod responses_stream;
 mod stream;
 
 pub use request::{translate_request, DEFAULT_MAX_TOKENS};
