@@ -124,4 +124,6 @@ pub(crate) fn stop_reason_for(finish_reason: &str) -> &'static str {
 }
 
 #[cfg(test)]
+mod responses_tests;
+#[cfg(test)]
 mod tests;
