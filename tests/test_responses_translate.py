@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import openai
 import pytest
@@ -73,7 +73,9 @@ def test_create(target: Target) -> None:
     if target.kind == "anthropic":
         assert body["model"] == "upstream-anthropic"
         assert body["system"] == [{"type": "text", "text": "Be brief."}]
-        assert body["messages"] == [{"role": "user", "content": [{"type": "text", "text": "Say something about foxes."}]}]
+        assert body["messages"] == [
+            {"role": "user", "content": [{"type": "text", "text": "Say something about foxes."}]}
+        ]
     else:
         assert body["model"] == "upstream-openai"
         assert body["messages"] == [
@@ -172,7 +174,7 @@ def test_function_call_round_trip(target: Target, streaming: bool) -> None:
         model="agent",
         input=[
             {"role": "user", "content": "Weather in Paris?"},
-            *[item.model_dump(exclude_none=True) for item in response.output],  # type: ignore[misc]
+            *[cast(Any, item.model_dump(exclude_none=True)) for item in response.output],
             {"type": "function_call_output", "call_id": call.call_id, "output": "18 C and sunny"},
         ],
         tools=[WEATHER_TOOL],
@@ -257,5 +259,7 @@ def test_api_setting_is_validated() -> None:
         "routes.a.deployments[0].api: only applies to kind = \"openai\" deployments, not 'anthropic'"
     ]
     assert errors(api=1) == ["routes.a.deployments[0].api: expected a string, got int 1"]
-    config = parse_config({"routes": {"a": {"deployments": [{"base_url": "http://h/v1", "model": "m", "api": "chat"}]}}})
+    config = parse_config(
+        {"routes": {"a": {"deployments": [{"base_url": "http://h/v1", "model": "m", "api": "chat"}]}}}
+    )
     assert config.routes["a"].deployments[0].api == "chat"

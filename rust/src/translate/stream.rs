@@ -60,11 +60,7 @@ impl StreamTranslator {
     /// End of the upstream stream: closes what a cleanly finished upstream left open.
     pub fn finish(&mut self, out: &mut Vec<u8>) {
         match self {
-            Self::ChatToMessages(t) => {
-                if t.stop.is_some() {
-                    t.end_message(out);
-                }
-            }
+            Self::ChatToMessages(t) if t.stop.is_some() => t.end_message(out),
             Self::ChatToResponses(t) => t.finish(out),
             _ => {}
         }
