@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import openai
 import pytest
 
 from tests.conftest import Daemon, MockUpstream
@@ -47,12 +46,3 @@ def test_responses_stream(relay: Daemon) -> None:
     usage = last_usage(relay, 1)
     assert usage["output"] == completed.usage.output_tokens == 29
     assert usage["output_source"] == "reported" and usage["reasoning"] == 5
-
-
-def test_responses_on_anthropic_only_route_is_a_clear_400(
-    upstream: MockUpstream, daemon_factory: Callable[..., Daemon]
-) -> None:
-    d = daemon_factory(kinds_config("claude", (upstream, "anthropic")))
-    with pytest.raises(openai.BadRequestError) as info:
-        openai_client(d).responses.create(model="claude", input="Hi")
-    assert "no openai-kind deployment" in str(info.value)

@@ -79,6 +79,8 @@ class Deployment:
     anthropic_version: str = "2023-06-01"
     health_check_path: str | None = None
     health_check_interval_s: float = 30.0
+    # "chat": an OpenAI-compatible server without /responses (vLLM, Groq...): Responses requests are translated.
+    api: str | None = None
 
     def upstream_model(self, requested: str, route_name: str) -> str:
         """The model name sent upstream: the deployment's own, or the wildcard part of a passthrough route."""
@@ -403,7 +405,10 @@ _DEPLOYMENT_KEYS = {
     "anthropic_version",
     "health_check_path",
     "health_check_interval_s",
+    "api",
 }
+# `api` values: which OpenAI APIs an openai-kind deployment lacks and gets translated to (see relay.TRANSLATED).
+DEPLOYMENT_APIS = ("chat",)
 _PRICE_KEYS = {"input", "output", "cached_input", "cache_write"}
 
 
@@ -442,6 +447,11 @@ def _parse_deployment(c: _Checker, raw: object, path: str, index: int) -> Deploy
             headers[key] = value
         else:
             c.error(_join(_join(path, "headers"), key), f"expected a string, got {_describe(value)}")
+    api = c.get(table, "api", path, str, "") or None
+    if api is not None and api not in DEPLOYMENT_APIS:
+        c.error(_join(path, "api"), f'must be "chat" (a server with chat completions only), got {api!r}')
+    elif api is not None and kind != "openai":
+        c.error(_join(path, "api"), f'only applies to kind = "openai" deployments, not {kind!r}')
     host = base_url.split("//", 1)[-1].split("/", 1)[0]
     return Deployment(
         name=c.get(table, "name", path, str, f"{host}/{model}" if model else f"deployment-{index}"),
@@ -460,6 +470,7 @@ def _parse_deployment(c: _Checker, raw: object, path: str, index: int) -> Deploy
         anthropic_version=c.get(table, "anthropic_version", path, str, "2023-06-01"),
         health_check_path=c.get(table, "health_check_path", path, (str, type(None)), None),
         health_check_interval_s=c.get(table, "health_check_interval_s", path, float, 30.0, _positive),
+        api=api,
     )
 
 

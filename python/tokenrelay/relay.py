@@ -62,7 +62,10 @@ TRANSLATED: dict[tuple[str, str], tuple[str, str | None]] = {
     ("chat", "anthropic"): ("messages", "/messages"),
     ("messages", "openai"): ("chat", "/chat/completions"),
     ("count_tokens", "openai"): ("count_tokens", None),  # an estimate: OpenAI has no token-counting endpoint
+    ("responses", "anthropic"): ("messages", "/messages"),
 }
+# The same for an openai-kind deployment whose server lacks the client's API (`api = "chat"` in its config).
+CHAT_ONLY: dict[str, tuple[str, str | None]] = {"responses": ("chat", "/chat/completions")}
 _READ_ERRORS = (aiohttp.ClientError, ConnectionError)
 
 
@@ -207,7 +210,7 @@ class Attempt:
         self.idx = idx
         self.deployment: Deployment = route.deployments[idx]
         self.model = self.deployment.upstream_model(call.outcome.requested_model, route.name)
-        translation = TRANSLATED.get((call.api, self.deployment.kind))
+        translation = translation_for(call.api, self.deployment)
         self.translated = translation is not None
         self.upstream_api, self.upstream_path = translation or (call.api, call.path)
         self.released = False
@@ -813,6 +816,13 @@ class Relay:
 
 def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def translation_for(api: str, deployment: Deployment) -> tuple[str, str | None] | None:
+    """(upstream API, path) when `deployment` is sent a request of `api` translated; None when it speaks it."""
+    if deployment.api == "chat" and api in CHAT_ONLY:
+        return CHAT_ONLY[api]
+    return TRANSLATED.get((api, deployment.kind))
 
 
 def _error_format(api: str) -> str:

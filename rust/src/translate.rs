@@ -19,6 +19,8 @@
 
 mod request;
 mod response;
+mod responses;
+mod responses_stream;
 mod stream;
 
 pub use request::{translate_request, DEFAULT_MAX_TOKENS};
@@ -121,5 +123,7 @@ pub(crate) fn stop_reason_for(finish_reason: &str) -> &'static str {
     }
 }
 
+#[cfg(test)]
+mod responses_tests;
 #[cfg(test)]
 mod tests;

@@ -1,7 +1,8 @@
-//! Request bodies: OpenAI chat completions ↔ Anthropic Messages.
+//! Request bodies: OpenAI chat completions ↔ Anthropic Messages; Responses → either (see `responses.rs`).
 
 use serde_json::{json, Map, Value};
 
+use super::responses::responses_to_chat;
 use super::{Kind, TranslateError};
 use crate::api::Api;
 
@@ -9,7 +10,7 @@ use crate::api::Api;
 pub const DEFAULT_MAX_TOKENS: u64 = 4096;
 
 /// Fields passed through verbatim in both directions: the built-in mock provider's per-request behaviour.
-const PASSTHROUGH: &[&str] = &["mock"];
+pub(super) const PASSTHROUGH: &[&str] = &["mock"];
 
 /// Translates a request body of the `client` API for a deployment of `kind`, with `model` as its model.
 /// `drop_unsupported`: leave out parameters with no equivalent instead of failing.
@@ -40,6 +41,16 @@ pub fn translate_request(
             cx.target = "OpenAI chat completions";
             messages_to_chat(&cx, &map, model)?
         }
+        // Only sent when the deployment has no /responses (`api = "chat"`): native otherwise.
+        (Api::Responses, Kind::OpenAi) => {
+            cx.target = "OpenAI chat completions";
+            responses_to_chat(&cx, &map, model, false)?
+        }
+        (Api::Responses, Kind::Anthropic) => {
+            cx.target = "Anthropic Messages";
+            let chat = responses_to_chat(&cx, &map, model, true)?;
+            chat_to_messages(&cx, &chat, model)?
+        }
         (from, to) => {
             return Err(TranslateError::NoTranslation {
                 from: from.name(),
@@ -53,14 +64,18 @@ pub fn translate_request(
     serde_json::to_vec(&Value::Object(out)).map_err(|e| TranslateError::Invalid(e.to_string()))
 }
 
-struct Cx {
-    drop: bool,
-    target: &'static str,
+pub(super) struct Cx {
+    pub(super) drop: bool,
+    pub(super) target: &'static str,
 }
 
 impl Cx {
     /// Ok (the caller skips the parameter) when dropping, else the error naming it.
-    fn unsupported(&self, param: impl Into<String>, reason: &str) -> Result<(), TranslateError> {
+    pub(super) fn unsupported(
+        &self,
+        param: impl Into<String>,
+        reason: &str,
+    ) -> Result<(), TranslateError> {
         if self.drop {
             return Ok(());
         }
@@ -72,12 +87,12 @@ impl Cx {
     }
 }
 
-fn invalid(msg: String) -> TranslateError {
+pub(super) fn invalid(msg: String) -> TranslateError {
     TranslateError::Invalid(msg)
 }
 
 /// A value that changes nothing: `null`, or the parameter's default.
-fn is_default(key: &str, v: &Value) -> bool {
+pub(super) fn is_default(key: &str, v: &Value) -> bool {
     match v {
         Value::Null => true,
         Value::Bool(b) => match key {
@@ -96,7 +111,7 @@ fn is_default(key: &str, v: &Value) -> bool {
 
 // ------------------------------------------------------------------------------------ chat → messages
 
-fn chat_to_messages(
+pub(super) fn chat_to_messages(
     cx: &Cx,
     body: &Map<String, Value>,
     model: &str,

@@ -1,7 +1,9 @@
-//! Complete (non-streaming) response bodies and error bodies: OpenAI chat completions ↔ Anthropic Messages.
+//! Complete (non-streaming) response bodies and error bodies: OpenAI chat completions ↔ Anthropic Messages,
+//! and either → Responses.
 
 use serde_json::{json, Map, Value};
 
+use super::responses::chat_to_response;
 use super::{finish_reason_for, stop_reason_for, unix_now, TranslateError};
 use crate::api::Api;
 
@@ -20,6 +22,11 @@ pub fn translate_response(
     let out = match (upstream, client) {
         (Api::Messages, Api::Chat) => message_to_chat(&value, unix_now()),
         (Api::Chat, Api::Messages) => chat_to_message(&value),
+        (Api::Chat, Api::Responses) => chat_to_response(&value, unix_now()),
+        (Api::Messages, Api::Responses) => {
+            let now = unix_now();
+            chat_to_response(&message_to_chat(&value, now), now)
+        }
         (from, to) => {
             return Err(TranslateError::NoTranslation {
                 from: from.name(),

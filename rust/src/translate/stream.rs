@@ -1,4 +1,5 @@
-//! Streams, event by event: OpenAI chat completion chunks ↔ Anthropic Messages events.
+//! Streams, event by event: OpenAI chat completion chunks ↔ Anthropic Messages events, and either → Responses
+//! events (`responses_stream.rs`).
 //!
 //! Each translator is a small state machine fed the upstream's events in order (as the SSE parser finds
 //! them, so any split of the raw stream gives the same output) and appending the client's events to `out`.
@@ -6,6 +7,7 @@
 use serde_json::{json, Value};
 
 use super::response::{anthropic_usage, chat_usage};
+use super::responses_stream::{ChatToResponses, MessagesToResponses};
 use super::{finish_reason_for, stop_reason_for};
 use crate::api::Api;
 use crate::sse::Event;
@@ -17,6 +19,10 @@ pub enum StreamTranslator {
     ChatToMessages(ChatToMessages),
     /// Upstream Messages events → client chat chunks.
     MessagesToChat(MessagesToChat),
+    /// Upstream chat chunks → client Responses events.
+    ChatToResponses(ChatToResponses),
+    /// Upstream Messages events → client Responses events.
+    MessagesToResponses(MessagesToResponses),
 }
 
 impl StreamTranslator {
@@ -31,6 +37,12 @@ impl StreamTranslator {
                 tool_index: None,
                 ..MessagesToChat::default()
             })),
+            (Api::Chat, Api::Responses) => {
+                Some(Self::ChatToResponses(ChatToResponses::new(created)))
+            }
+            (Api::Messages, Api::Responses) => {
+                Some(Self::MessagesToResponses(MessagesToResponses::new(created)))
+            }
             _ => None,
         }
     }
@@ -40,15 +52,17 @@ impl StreamTranslator {
         match self {
             Self::ChatToMessages(t) => t.on_event(ev, out),
             Self::MessagesToChat(t) => t.on_event(ev, out),
+            Self::ChatToResponses(t) => t.on_event(ev, out),
+            Self::MessagesToResponses(t) => t.on_event(ev, out),
         }
     }
 
     /// End of the upstream stream: closes what a cleanly finished upstream left open.
     pub fn finish(&mut self, out: &mut Vec<u8>) {
-        if let Self::ChatToMessages(t) = self {
-            if t.stop.is_some() {
-                t.end_message(out);
-            }
+        match self {
+            Self::ChatToMessages(t) if t.stop.is_some() => t.end_message(out),
+            Self::ChatToResponses(t) => t.finish(out),
+            _ => {}
         }
     }
 }
