@@ -438,3 +438,22 @@ def test_completions_on_anthropic_only_route_is_400(to_anthropic: Daemon) -> Non
         openai_client(to_anthropic).completions.create(model="gpt-ish", prompt="Hi")
     body: Any = info.value.body
     assert "no openai-kind deployment" in body["message"]
+
+
+def test_input_is_estimated_from_the_translated_body_when_no_usage_is_reported(
+    to_openai: Daemon, openai_upstream: MockUpstream
+) -> None:
+    """An Anthropic request sent to an OpenAI-kind upstream that reports no usage: the input estimate must count
+    what was sent (the system prompt became a system message), not misread the client's body as chat."""
+    from tokenrelay._core import estimate_input_tokens
+
+    openai_upstream.control(usage=False)
+    system = "You are a careful assistant who answers in plain words. " * 60
+    anthropic_client(to_openai).messages.create(
+        model="claude-ish", max_tokens=64, system=system, messages=[{"role": "user", "content": "hi"}]
+    )
+    usage = last_usage(to_openai, 1)
+    assert usage["input_source"] == "estimated"
+    sent = json.dumps(last_request(openai_upstream)["body"]).encode()
+    assert usage["input"] == estimate_input_tokens("chat", sent, "upstream-openai")
+    assert usage["input"] > 500  # the ~600-token system prompt is counted

@@ -222,6 +222,9 @@ class Attempt:
         self.status = 0
         self.first_token_ns: int | None = None
         self.watchdog: _Watchdog | None = None
+        # The body as sent upstream (translated when the formats differ): what input is estimated from when the
+        # upstream reports no usage, since the meter reads the upstream's format.
+        self.sent: bytes = call.raw
 
     def release(self, result: str, usage: Usage | None = None) -> None:
         """Returns the pool slot, exactly once, with what the attempt cost."""
@@ -438,7 +441,7 @@ class Relay:
         record.fail(499, metering.CANCELLED_HEDGE, "a hedged attempt on another deployment answered first")
         if loser.meter is not None:
             with contextlib.suppress(ValueError):
-                record.usage = loser.meter.finish(call.raw)
+                record.usage = loser.meter.finish(loser.sent)
         record.ended_ns = time.monotonic_ns()
         self.meter.record(record)
 
@@ -486,6 +489,7 @@ class Relay:
         either holds a complete answer (`final`) or a stream ready to deliver."""
         call, deployment = attempt.call, attempt.deployment
         body, strip_usage = self._upstream_body(attempt)
+        attempt.sent = body
         if attempt.upstream_path is None:
             self._count_locally(attempt)
             return
@@ -586,13 +590,13 @@ class Relay:
         usage: Usage | None = None
         if call.api != "count_tokens":
             try:
-                if len(data) + len(call.raw) > ESTIMATE_INLINE_BYTES:
+                if len(data) + len(attempt.sent) > ESTIMATE_INLINE_BYTES:
                     loop = self.loop
                     usage = await loop.run_in_executor(
-                        None, decode_body, attempt.upstream_api, data, attempt.model, call.raw
+                        None, decode_body, attempt.upstream_api, data, attempt.model, attempt.sent
                     )
                 else:
-                    usage = decode_body(attempt.upstream_api, data, attempt.model, call.raw)
+                    usage = decode_body(attempt.upstream_api, data, attempt.model, attempt.sent)
             except ValueError as exc:
                 log.warning("could not read usage from %s's answer: %s", attempt.deployment.name, exc)
         if attempt.translated:
@@ -729,7 +733,7 @@ class Relay:
             failure = watchdog.describe() if watchdog.fired else f"the upstream stream broke: {exc}"
         except asyncio.CancelledError:
             upstream.close()
-            outcome.usage = meter.finish(call.raw)
+            outcome.usage = meter.finish(attempt.sent)
             if meter.done:
                 outcome.delivered = True
                 attempt.release(SUCCESS, outcome.usage)
@@ -741,7 +745,7 @@ class Relay:
         finally:
             watchdog.cancel()
             upstream.release()
-        await self._finish_usage(meter, call)
+        await self._finish_usage(meter, call, attempt.sent)
         if failure is not None and not outcome.error_class:
             outcome.fail(
                 504 if watchdog.fired else 502, metering.TIMEOUT if watchdog.fired else metering.UPSTREAM_ERROR, failure
@@ -792,7 +796,7 @@ class Relay:
         if meter.content_started:
             self._first_token(attempt)
 
-    async def _finish_usage(self, meter: StreamMeter, call: Call) -> Usage:
+    async def _finish_usage(self, meter: StreamMeter, call: Call, sent: bytes) -> Usage:
         """The request's usage; counting large texts happens in a thread so the event loop never waits on it.
 
         If the client goes away meanwhile (the handler is cancelled), the count still completes and is recorded
@@ -801,9 +805,9 @@ class Relay:
         pending = meter.estimate_bytes
         # The first count loads a BPE vocabulary (~50-100 ms): that too happens off the loop.
         if not (pending > ESTIMATE_INLINE_BYTES or (pending and not _vocabulary_loaded)):
-            usage = call.outcome.usage = meter.finish(call.raw)
+            usage = call.outcome.usage = meter.finish(sent)
             return usage
-        counting = self.loop.run_in_executor(None, meter.finish, call.raw)
+        counting = self.loop.run_in_executor(None, meter.finish, sent)
         try:
             usage = await asyncio.shield(counting)
         except asyncio.CancelledError:
