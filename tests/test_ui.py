@@ -292,3 +292,22 @@ def test_ui_credential_reads_query_then_cookie() -> None:
     cookie = make_mocked_request("GET", "/ui/events", headers={"cookie": "tokenrelay_ui=xyz"})
     assert ui_credential(cookie) == "xyz"
     assert ui_credential(make_mocked_request("GET", "/ui/events")) is None
+
+
+async def test_page_needs_the_admin_key_once_keys_are_configured(daemon_factory: Callable[..., Daemon]) -> None:
+    admin = "ui-admin-key-0123456789abcdef"
+    d = daemon_factory(None, env={"TOKENRELAY_ADMIN_KEY": admin})
+    # unsafe=True: keep cookies for an IP host, as browsers do (aiohttp's jar refuses them by default).
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as session:
+        async with session.get(f"{d.url}/ui") as resp:  # no key: the login form, not the meters
+            assert resp.status == 401
+            assert "admin key" in await resp.text()
+        async with session.get(f"{d.url}/ui/snapshot") as resp:
+            assert resp.status == 401
+        async with session.get(f"{d.url}/ui?key=wrong-key-0123456789") as resp:
+            assert resp.status == 401
+        async with session.get(f"{d.url}/ui?key={admin}") as resp:  # once with the key ...
+            assert resp.status == 200
+        async with session.get(f"{d.url}/ui/snapshot") as resp:  # ... then the cookie carries it
+            assert resp.status == 200
+            assert resp.content_type == "application/json"
