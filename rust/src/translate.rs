@@ -124,6 +124,8 @@ pub(crate) fn stop_reason_for(finish_reason: &str) -> &'static str {
 }
 
 #[cfg(test)]
+mod fixtures;
+#[cfg(test)]
 mod responses_tests;
 #[cfg(test)]
 mod tests;

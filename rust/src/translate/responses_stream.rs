@@ -12,6 +12,7 @@ use super::responses::{
     function_call_item, item_id, message_item, reasoning_item, response_object, responses_usage,
     responses_usage_from_anthropic, status_for,
 };
+use super::stream::chat_error;
 use crate::sse::Event;
 
 /// What the open output item is.
@@ -350,11 +351,7 @@ impl ChatToResponses {
         let Ok(chunk) = serde_json::from_slice::<Value>(ev.data) else {
             return;
         };
-        if let Some(err) = chunk.get("error").filter(|e| !e.is_null()) {
-            let message = err
-                .get("message")
-                .and_then(Value::as_str)
-                .unwrap_or("upstream error");
+        if let Some((err, message)) = chat_error(&chunk) {
             let code = ["code", "type"]
                 .iter()
                 .find_map(|k| err.get(*k).and_then(Value::as_str))

@@ -67,6 +67,16 @@ impl StreamTranslator {
     }
 }
 
+/// The in-stream error object of a chat chunk, if it carries one, and its message.
+pub(super) fn chat_error(chunk: &Value) -> Option<(&Value, &str)> {
+    let err = chunk.get("error").filter(|e| !e.is_null())?;
+    let message = err
+        .get("message")
+        .and_then(Value::as_str)
+        .unwrap_or("upstream error");
+    Some((err, message))
+}
+
 fn anthropic_event(out: &mut Vec<u8>, kind: &str, data: &Value) {
     out.extend_from_slice(b"event: ");
     out.extend_from_slice(kind.as_bytes());
@@ -115,11 +125,7 @@ impl ChatToMessages {
         let Ok(chunk) = serde_json::from_slice::<Value>(ev.data) else {
             return;
         };
-        if let Some(err) = chunk.get("error").filter(|e| !e.is_null()) {
-            let message = err
-                .get("message")
-                .and_then(Value::as_str)
-                .unwrap_or("upstream error");
+        if let Some((err, message)) = chat_error(&chunk) {
             let kind = match err.get("type").and_then(Value::as_str) {
                 Some("rate_limit_error") => "rate_limit_error",
                 Some("invalid_request_error") => "invalid_request_error",

@@ -1,21 +1,10 @@
 use proptest::prelude::*;
 use serde_json::{json, Value};
 
+use super::fixtures::*;
 use super::*;
 use crate::events::StreamMeter;
 use crate::sse::SseParser;
-
-const AN_TOOLS: &str = include_str!("../../../tests/fixtures/anthropic_tool_use.sse");
-const AN_THINKING: &str = include_str!("../../../tests/fixtures/anthropic_thinking.sse");
-const AN_STREAM: &str = include_str!("../../../tests/fixtures/anthropic_stream.sse");
-const AN_ERROR: &str = include_str!("../../../tests/fixtures/anthropic_error.sse");
-const OA_TOOLS: &str = include_str!("../../../tests/fixtures/openai_chat_tools.sse");
-const OA_REASONING: &str =
-    include_str!("../../../tests/fixtures/openai_chat_reasoning_deepseek.sse");
-const OA_STREAM: &str = include_str!("../../../tests/fixtures/openai_chat_stream.sse");
-const OA_ERROR: &str = include_str!("../../../tests/fixtures/openai_chat_error_midstream.sse");
-const AN_BODY: &str = include_str!("../../../tests/fixtures/anthropic_message.json");
-const OA_BODY: &str = include_str!("../../../tests/fixtures/openai_chat.json");
 
 fn req(client: Api, kind: Kind, body: Value, drop: bool) -> Result<Value, TranslateError> {
     let out = translate_request(client, kind, body.to_string().as_bytes(), "up-model", drop)?;
