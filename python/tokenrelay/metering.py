@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import logging
@@ -41,6 +42,7 @@ def new_request_id() -> str:
     return f"{_REQUEST_ID_PREFIX}{next(_request_counter) & 0xFFFFFFFFFFFFFFFF:016x}"
 
 
+@functools.lru_cache(maxsize=4096)  # agents reuse a handful of keys: hash each once, not per request
 def key_id(secret: str) -> str:
     """A non-reversible id for a client key: enough to tell keys apart, useless to an attacker."""
     if not secret:

@@ -92,9 +92,7 @@ def endpoint(api: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]
         key = outcome.key_id
         if in_flight[key] >= cap:
             message = f"this client key already has {cap} requests in flight (max_connections_per_key)"
-            outcome.fail(429, metering.RATE_LIMITED, message)
-            relay.meter.record(outcome)
-            return error_response(429, message, err_api, code="too_many_connections", headers={"retry-after": "1"})
+            return reject(429, message, "too_many_connections", headers={"retry-after": "1"})
         in_flight[key] += 1
         try:
             return await serve(request, outcome, reject)
