@@ -70,6 +70,22 @@ class StreamMeter:
         """
     def flush(self) -> bytes:
         """End of stream: the held-back bytes to forward (b"" normally). Meters an unterminated last event."""
+    def frame(self, framing: str, length: int = 0) -> None:
+        """From now on feed_wire() takes the upstream's wire bytes, delimited by `framing` ("chunked", "length"
+        with `length`, "close"); ValueError for another name."""
+    def feed_wire(self, data: bytes) -> bytes | None:
+        """One upstream read with its body framing. None: write `data` to the client as it is (whole chunks
+        from boundary to boundary when `client_chunked`, else an unframed payload; unedited); otherwise the
+        bytes to write instead, framed for the client. ValueError on malformed framing."""
+    def wire_close(self) -> None:
+        """The upstream connection closed: completes a body read to the close; ValueError if incomplete."""
+    client_chunked: bool
+    @property
+    def wire_done(self) -> bool:
+        """The upstream body was read to its end."""
+    @property
+    def wire_excess(self) -> bool:
+        """Bytes came after the body's end (the connection cannot be reused)."""
     def finish(self, request_body: bytes | None = None) -> Usage:
         """Usage of the whole request, estimating what the provider did not report (GIL released).
 
@@ -251,3 +267,18 @@ def translate_response(upstream: str, client: str, body: bytes) -> bytes:
 def translate_error(upstream: str, client: str, status: int, body: bytes) -> bytes:
     """An upstream error body (HTTP `status`) in the error shape of the `client` API ("chat" and the other
     OpenAI APIs, or "messages"). A body that is not JSON becomes the message."""
+
+# --- HTTP/1.1 framing (rust/src/h1.rs) ---
+
+def parse_response_head(
+    buf: bytes, head_request: bool = False
+) -> tuple[int, str, int, list[tuple[str, str]], int, str, int, bool] | None: ...
+
+class BodyDecoder:
+    def __init__(self, framing: str, length: int = 0) -> None: ...
+    def decode(self, data: bytes) -> bytes: ...
+    def close(self) -> None: ...
+    @property
+    def done(self) -> bool: ...
+    @property
+    def excess(self) -> bool: ...

@@ -18,6 +18,7 @@ from aiohttp import web
 from tokenrelay import auth
 from tokenrelay._core import Meters
 from tokenrelay.config import Config, with_builtin_routes
+from tokenrelay.h1client import Client
 from tokenrelay.handlers import admin, api, keys, ui, usage
 from tokenrelay.handlers import runs as run_handlers
 from tokenrelay.ledger import Ledger
@@ -26,7 +27,6 @@ from tokenrelay.mock import MockProvider
 from tokenrelay.relay import Relay
 from tokenrelay.routing import health_check_loop
 from tokenrelay.state import BACKGROUND, RELAY, STARTED
-from tokenrelay.upstream import make_session
 
 # The cyclic GC's first generation is collected every GC_THRESHOLD_0 net allocations instead of Python's 700: each
 # pass re-walks the objects of every request in flight, so at 700 a busy daemon spent ~5-8% of its loop there.
@@ -61,9 +61,11 @@ def build_app(config: Config) -> web.Application:
     async def start_relay(app: web.Application) -> None:
         await asyncio.to_thread(ledger.start)
         await gate.start()  # the ledger exists and is migrated: the keys can be read
-        relay = app[RELAY] = Relay(config, make_session(), meter)
+        tls = any(d.base_url.startswith("https:") for r in config.routes.values() for d in r.deployments)
+        client = await asyncio.to_thread(Client, asyncio.get_running_loop(), tls)  # loading CA certs blocks
+        relay = app[RELAY] = Relay(config, client, meter)
         checks: list[asyncio.Future[None]] = [
-            asyncio.ensure_future(health_check_loop(pool, relay.session))
+            asyncio.ensure_future(health_check_loop(pool, relay.client))
             for pool in relay.pools.values()
             if any(d.health_check_path for d in pool.route.deployments)
         ]
@@ -74,7 +76,7 @@ def build_app(config: Config) -> web.Application:
             task.cancel()
         await asyncio.gather(*app[BACKGROUND], return_exceptions=True)
         await gate.stop()
-        await app[RELAY].session.close()
+        await app[RELAY].client.close()
         await ledger.aclose()  # the final flush: nothing recorded is lost on a graceful shutdown
 
     app.on_startup.append(start_relay)

@@ -35,10 +35,11 @@ from tokenrelay._core import (
 )
 from tokenrelay.config import Config, Deployment, Route
 from tokenrelay.errors import error_event, error_response
+from tokenrelay.h1client import Client, ConnectError, ConnectTimeout, Response, UpstreamError
 from tokenrelay.metering import Metering, Outcome
 from tokenrelay.ratelimit import cooldown_from_headers
 from tokenrelay.routing import CANCELLED, FAILURE, RATE_LIMITED, SUCCESS, RoutePool
-from tokenrelay.upstream import redact, redact_text, response_headers, upstream_headers, upstream_url
+from tokenrelay.upstream import redact, redact_text, response_headers, upstream_headers
 
 log = logging.getLogger("tokenrelay.relay")
 T = TypeVar("T")
@@ -66,7 +67,7 @@ TRANSLATED: dict[tuple[str, str], tuple[str, str | None]] = {
 }
 # The same for an openai-kind deployment whose server lacks the client's API (`api = "chat"` in its config).
 CHAT_ONLY: dict[str, tuple[str, str | None]] = {"responses": ("chat", "/chat/completions")}
-_READ_ERRORS = (aiohttp.ClientError, ConnectionError)
+_READ_ERRORS = (UpstreamError,)
 
 
 @dataclass
@@ -104,10 +105,11 @@ class _Retry(Exception):
 class _Watchdog:
     """One timer per attempt for the first-token, idle and total timeouts: no per-chunk timer churn.
 
-    The pump stores the time of each read in `last`; the timer wakes at most a few times per idle period, and
-    when a deadline has passed it closes the upstream response, which ends the read loop. Once the response is
-    committed it also watches the client: one that reads nothing for `write_timeout` (its transport's buffer
-    neither drains nor grows) is disconnected, so a write blocked on a full buffer cannot hang the handler.
+    The upstream response stores the time of each read (`last_read`); the timer wakes at most a few times per
+    idle period, and when a deadline has passed it closes the upstream response, which ends the read loop. Once
+    the response is committed it also watches the client: one that reads nothing for `write_timeout` (its
+    transport's buffer neither drains nor grows) is disconnected, so a write blocked on a full buffer cannot hang
+    the handler.
     """
 
     def __init__(self, route: Route, loop: asyncio.AbstractEventLoop) -> None:
@@ -116,7 +118,7 @@ class _Watchdog:
         self.started = self.last = self.loop.time()
         self.first = True
         self.fired: str | None = None
-        self.response: aiohttp.ClientResponse | None = None
+        self.response: Response | None = None
         self.task: asyncio.Task[Any] | None = None
         self.client: asyncio.Transport | None = None
         self.write_timeout = 0.0
@@ -127,7 +129,8 @@ class _Watchdog:
 
     def _deadline(self) -> float:
         t = self.timeouts
-        deadline = self.last + (t.first_token if self.first else t.idle)
+        last = self.last if self.response is None else self.response.last_read
+        deadline = last + (t.first_token if self.first else t.idle)
         return deadline if t.total is None else min(deadline, self.started + t.total)
 
     def _check(self) -> None:
@@ -214,7 +217,7 @@ class Attempt:
         self.translated = translation is not None
         self.upstream_api, self.upstream_path = translation or (call.api, call.path)
         self.released = False
-        self.upstream: aiohttp.ClientResponse | None = None
+        self.upstream: Response | None = None
         self.meter: StreamMeter | None = None
         self.held: list[bytes] = []
         self.final: web.Response | None = None  # a complete answer (non-streaming, or a passed-through error)
@@ -254,17 +257,16 @@ class Attempt:
 
 
 class Relay:
-    """Holds the client session, one pool per route, and the metering sink."""
+    """Holds the upstream client, one pool per route, and the metering sink."""
 
-    def __init__(self, config: Config, session: aiohttp.ClientSession, meter: Metering) -> None:
+    def __init__(self, config: Config, client: Client, meter: Metering) -> None:
         self.config = config
-        self.session = session
+        self.client = client
         self.meter = meter
         self.pools: dict[str, RoutePool] = {name: RoutePool(route) for name, route in config.routes.items()}
         # Built in the app's startup, on its loop; cached because in Python 3.11 every get_running_loop() is a
         # getpid() system call.
         self.loop = asyncio.get_running_loop()
-        self._client_timeouts: dict[float, aiohttp.ClientTimeout] = {}
         self.in_flight = 0
         self.stopping = False  # set when a shutdown begins: handlers cancelled after that were cut by it
 
@@ -499,21 +501,24 @@ class Relay:
         ok = False
         try:
             try:
-                upstream = await self.session.post(
-                    upstream_url(deployment, attempt.upstream_path),
-                    data=body,
-                    headers=upstream_headers(deployment, call.request.headers, call.stream),
-                    timeout=self._client_timeout(attempt.route.timeouts.connect),
+                upstream = await self.client.request(
+                    "POST",
+                    deployment.base_url,
+                    attempt.upstream_path,
+                    upstream_headers(deployment, call.request.headers, call.stream),
+                    body,
+                    stream=call.stream,
+                    connect_timeout=attempt.route.timeouts.connect,
                 )
             except asyncio.CancelledError:
                 if watchdog.fired is None:
                     raise
                 raise _Retry(504, metering.TIMEOUT, f"{deployment.name}: {watchdog.describe()}") from None
-            except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, ConnectionError) as exc:
-                raise _Retry(502, metering.UPSTREAM_ERROR, f"upstream {deployment.name} unreachable: {exc}") from exc
-            except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            except ConnectTimeout as exc:
                 raise _Retry(504, metering.TIMEOUT, f"upstream {deployment.name} timed out connecting") from exc
-            except aiohttp.ClientError as exc:
+            except ConnectError as exc:
+                raise _Retry(502, metering.UPSTREAM_ERROR, f"upstream {deployment.name} unreachable: {exc}") from exc
+            except UpstreamError as exc:
                 raise _Retry(502, metering.UPSTREAM_ERROR, f"upstream {deployment.name} failed: {exc}") from exc
             watchdog.task = None
             watchdog.response = attempt.upstream = upstream
@@ -536,16 +541,7 @@ class Relay:
             if not ok:
                 attempt.close()
 
-    def _client_timeout(self, connect: float) -> aiohttp.ClientTimeout:
-        """aiohttp's timeouts for a connect deadline (the other deadlines are the watchdog's), one per value."""
-        timeout = self._client_timeouts.get(connect)
-        if timeout is None:
-            timeout = self._client_timeouts[connect] = aiohttp.ClientTimeout(
-                total=None, connect=connect, sock_connect=connect
-            )
-        return timeout
-
-    async def _upstream_error(self, attempt: Attempt, upstream: aiohttp.ClientResponse) -> None:
+    async def _upstream_error(self, attempt: Attempt, upstream: Response) -> None:
         """An error status: retry elsewhere if it is the deployment's fault, else keep it to pass on."""
         status = upstream.status
         try:
@@ -573,7 +569,7 @@ class Relay:
         attempt.call.outcome.fail(status, error_class, data[:500].decode("utf-8", "replace"))
         attempt.final = passthrough
 
-    async def _read_body(self, attempt: Attempt, upstream: aiohttp.ClientResponse) -> None:
+    async def _read_body(self, attempt: Attempt, upstream: Response) -> None:
         """A complete (non-streaming) answer: read it and take its usage."""
         call = attempt.call
         try:
@@ -614,7 +610,7 @@ class Relay:
             headers["x-tokenrelay-output-tokens"] = str(usage.output)
         attempt.final = web.Response(status=upstream.status, body=data, headers=headers)
 
-    async def _open_stream(self, attempt: Attempt, upstream: aiohttp.ClientResponse, strip_usage: bool) -> None:
+    async def _open_stream(self, attempt: Attempt, upstream: Response, strip_usage: bool) -> None:
         """Holds the opening events until the first content token (or the end, an error, or the hold limit)."""
         call = attempt.call
         translate_to = call.api if attempt.translated else None
@@ -622,27 +618,19 @@ class Relay:
         watchdog = attempt.watchdog
         assert watchdog is not None
         loop = self.loop
-        reader = upstream.content
         hold = min(MAX_HOLD_S, attempt.route.keepalive_interval_s or MAX_HOLD_S)
         hold_until = loop.time() + hold
         try:
-            while not (meter.content_started or meter.done or meter.error is not None):
-                remaining = hold_until - loop.time()
-                if remaining <= 0:
+            upstream.start_stream(meter)  # the opening events are often in already: metered here, no wait
+            while True:
+                data = upstream.take()
+                if data:
+                    attempt.held.append(data)
+                if meter.content_started or meter.done or meter.error is not None or upstream.ended:
                     break
-                chunk = reader.read_nowait()  # usually the opening events are in already: no timer, no task
-                if not chunk:
-                    if reader.is_eof():
-                        break
-                    try:
-                        chunk = await asyncio.wait_for(reader.readany(), remaining)
-                    except TimeoutError:
-                        break
-                    if not chunk:
-                        break
-                watchdog.last = loop.time()
-                out = meter.feed(chunk)
-                attempt.held.append(chunk if out is None else out)
+                remaining = hold_until - loop.time()
+                if remaining <= 0 or not await upstream.wait(remaining):
+                    break
         except _READ_ERRORS as exc:
             attempt.release(FAILURE)
             if watchdog.fired:
@@ -652,7 +640,7 @@ class Relay:
             attempt.release(FAILURE)
             message = redact_text(meter.error.get("message", ""), attempt.deployment)
             raise _Retry(502, metering.UPSTREAM_ERROR, f"upstream error before any content: {message}")
-        if reader.at_eof() and not meter.done and not meter.content_started:
+        if upstream.ended and not meter.done and not meter.content_started:
             attempt.release(FAILURE)
             raise _Retry(502, metering.UPSTREAM_ERROR, "the upstream closed the stream before sending any content")
         if meter.content_started:
@@ -697,28 +685,21 @@ class Relay:
         if not headers.get("content-type", "").startswith("text/event-stream"):
             headers["content-type"] = "text/event-stream"  # the upstream mislabelled its stream (text/plain...)
         response = web.StreamResponse(status=upstream.status, headers=headers)
-        loop = self.loop
-        reader = upstream.content
         failure: str | None = None
-        watchdog.watch_client(call.request.transport, self.config.write_timeout_s)
+        transport = call.request.transport
+        watchdog.watch_client(transport, self.config.write_timeout_s)
         try:
-            await response.prepare(call.request)
-            write = response.write
+            writer = await response.prepare(call.request)
             if attempt.held:
-                await write(b"".join(attempt.held))
+                await response.write(b"".join(attempt.held))
             if not (meter.content_started or meter.done):
                 await self._await_content(attempt, response)
-            feed = meter.feed
-            async for chunk in reader.iter_any():
-                watchdog.last = loop.time()
-                out = feed(chunk)
-                if out is None:
-                    await write(chunk)
-                elif out:
-                    await write(out)
+            if transport is None or writer is None:
+                raise ConnectionResetError("the client closed the connection")
+            await upstream.pump(writer, transport)  # the stream's bytes go out from the upstream's callbacks
             rest = meter.flush()
             if rest:
-                await write(rest)
+                await response.write(rest)
             if watchdog.fired:
                 failure = watchdog.describe()
             elif not meter.done:
@@ -776,23 +757,18 @@ class Relay:
         meter, upstream, watchdog = attempt.meter, attempt.upstream, attempt.watchdog
         assert meter is not None and upstream is not None and watchdog is not None
         interval = attempt.route.keepalive_interval_s
-        loop = self.loop
         at_boundary = not attempt.held or attempt.held[-1].endswith((b"\n\n", b"\r\n\r\n", b"\r\r"))
         while not (meter.content_started or meter.done or meter.error is not None):
-            try:
-                chunk = await asyncio.wait_for(upstream.content.readany(), interval)
-            except TimeoutError:
+            if not await upstream.wait(interval):
                 if at_boundary:
                     await response.write(KEEPALIVE_COMMENT)
                 continue
-            if not chunk:
-                return
-            watchdog.last = loop.time()
-            out = meter.feed(chunk)
-            data = chunk if out is None else out
+            data = upstream.take()
             if data:
                 await response.write(data)
                 at_boundary = data.endswith((b"\n\n", b"\r\n\r\n", b"\r\r"))
+            if upstream.ended:
+                break
         if meter.content_started:
             self._first_token(attempt)
 

@@ -9,10 +9,9 @@ import collections
 import logging
 from dataclasses import dataclass
 
-import aiohttp
-
 from tokenrelay._core import Pool
 from tokenrelay.config import Route
+from tokenrelay.h1client import Client, UpstreamError
 
 log = logging.getLogger("tokenrelay.routing")
 
@@ -139,7 +138,7 @@ class RoutePool:
         return self.pool.snapshot()
 
 
-async def health_check_loop(pool: RoutePool, session: aiohttp.ClientSession) -> None:
+async def health_check_loop(pool: RoutePool, client: Client) -> None:
     """Active health checks: GET each deployment's `health_check_path` on its interval; mark it up or down."""
     checked = [(i, d) for i, d in enumerate(pool.route.deployments) if d.health_check_path]
     if not checked:
@@ -147,14 +146,21 @@ async def health_check_loop(pool: RoutePool, session: aiohttp.ClientSession) -> 
 
     async def check(idx: int) -> None:
         deployment = pool.route.deployments[idx]
-        url = deployment.base_url + (deployment.health_check_path or "")
+        path = deployment.health_check_path or ""
         headers = {"authorization": f"Bearer {deployment.api_key}"} if deployment.api_key else {}
         up = False
         while True:
             try:
-                async with session.get(url, headers=headers, timeout=aiohttp.ClientTimeout(total=5)) as resp:
-                    now_up = 200 <= resp.status < 300
-            except (aiohttp.ClientError, TimeoutError):
+                async with asyncio.timeout(5):
+                    resp = await client.request(
+                        "GET", deployment.base_url, path, headers, b"", stream=False, connect_timeout=5
+                    )
+                    try:
+                        await resp.read()
+                    finally:
+                        resp.release()
+                now_up = 200 <= resp.status < 300
+            except (UpstreamError, TimeoutError):
                 now_up = False
             if now_up != up:
                 log.info("deployment %s is %s (health check)", deployment.name, "up" if now_up else "down")

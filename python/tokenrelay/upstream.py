@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Mapping
 
-import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from tokenrelay import __version__
@@ -39,48 +37,13 @@ _HOP_BY_HOP = frozenset(
 )
 
 
-def make_session() -> aiohttp.ClientSession:
-    """The one client session every upstream request goes through.
-
-    No connection cap (aiohttp's default of 100 would queue agent streams), no total timeout (long generations
-    are normal; the relay enforces per-phase timeouts itself), keep-alive connections reused per host, and
-    TCP_NODELAY so small SSE writes are not held back.
-    """
-    connector = aiohttp.TCPConnector(
-        limit=0,
-        limit_per_host=0,
-        ttl_dns_cache=300,
-        keepalive_timeout=60,
-        enable_cleanup_closed=False,
-        socket_factory=_nodelay_socket,
-    )
-    return aiohttp.ClientSession(
-        connector=connector,
-        timeout=aiohttp.ClientTimeout(total=None, sock_read=None),
-        auto_decompress=True,
-        skip_auto_headers=("User-Agent",),
-        json_serialize=None,  # type: ignore[arg-type]
-    )
-
-
-def _nodelay_socket(addr_info: tuple[int, int, int, str, tuple[object, ...]]) -> socket.socket:
-    family, type_, proto, _, _ = addr_info
-    sock = socket.socket(family=family, type=type_, proto=proto)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
-
-
-def upstream_url(deployment: Deployment, path: str) -> str:
-    """The upstream URL for an API path like `/chat/completions`: always the configured base URL plus a fixed path,
-    so nothing in a request can change where tokenrelay connects."""
-    return deployment.base_url + path
-
-
 def upstream_headers(deployment: Deployment, client: Mapping[str, str], stream: bool) -> dict[str, str]:
     """Request headers for the upstream: the deployment's credentials, never the client's."""
     headers = {
         "content-type": "application/json",
         "accept": "text/event-stream" if stream else "application/json",
+        # A compressed stream would be buffered by the provider's compressor: events as they are made.
+        "accept-encoding": "identity" if stream else "gzip, deflate",
         "user-agent": USER_AGENT,
     }
     if deployment.kind == "anthropic":

@@ -7,6 +7,7 @@
 pub mod api;
 pub mod balance;
 pub mod events;
+pub mod h1;
 pub mod meter;
 pub mod sse;
 pub mod tokens;

@@ -3,6 +3,7 @@
 use pyo3::prelude::*;
 
 mod balance;
+mod h1;
 mod meter;
 mod stream;
 mod tokens;
@@ -17,5 +18,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     balance::register(m)?;
     meter::register(m)?;
     translate::register(m)?;
+    h1::register(m)?;
     Ok(())
 }

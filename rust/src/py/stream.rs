@@ -4,8 +4,11 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
+use std::ops::Range;
+
 use crate::api::Api;
 use crate::events::{self, StreamMeter, Usage};
+use crate::h1::{write_chunk, BodyDecoder, Framing};
 use crate::translate::unix_now;
 
 fn parse_api(name: &str, allow_embeddings: bool) -> PyResult<Api> {
@@ -108,6 +111,13 @@ impl PyUsage {
 pub struct PyStreamMeter {
     core: StreamMeter,
     first_token_ns: Option<u64>,
+    /// The upstream body's framing, once `frame()` was called: `feed_wire` takes wire bytes.
+    wire: Option<BodyDecoder>,
+    /// `feed_wire` output is chunked framing for the client (else the bare payload).
+    client_chunked: bool,
+    wire_excess: bool,
+    /// Scratch: the payload ranges of the current `feed_wire` input.
+    ranges: Vec<Range<usize>>,
 }
 
 impl PyStreamMeter {
@@ -148,7 +158,120 @@ impl PyStreamMeter {
         Ok(PyStreamMeter {
             core,
             first_token_ns: None,
+            wire: None,
+            client_chunked: false,
+            wire_excess: false,
+            ranges: Vec::new(),
         })
+    }
+
+    /// From now on `feed_wire` takes the upstream's wire bytes, delimited by `framing` ("chunked", "length" with
+    /// `length`, "close").
+    #[pyo3(signature = (framing, length = 0))]
+    fn frame(&mut self, framing: &str, length: u64) -> PyResult<()> {
+        self.wire = Some(BodyDecoder::new(super::h1::framing_arg(framing, length)?));
+        Ok(())
+    }
+
+    /// Whether `feed_wire` returns chunked framing for the client (set once the client's response is chunked).
+    #[getter]
+    fn client_chunked(&self) -> bool {
+        self.client_chunked
+    }
+    #[setter]
+    fn set_client_chunked(&mut self, value: bool) {
+        self.client_chunked = value;
+    }
+
+    /// Feeds one upstream read (wire bytes: body framing included). `None`: write `data` to the client as it is
+    /// (a clean run of whole chunks, or an unframed payload, unedited); else the bytes to write instead, framed
+    /// for the client. ValueError on malformed framing.
+    fn feed_wire<'py>(
+        &mut self,
+        py: Python<'py>,
+        data: &[u8],
+    ) -> PyResult<Option<Bound<'py, PyBytes>>> {
+        let Some(dec) = self.wire.as_mut() else {
+            return Err(PyValueError::new_err("feed_wire() before frame()"));
+        };
+        let ranges = &mut self.ranges;
+        ranges.clear();
+        let taken = dec
+            .decode(data, |r| ranges.push(r))
+            .map_err(super::h1::h1_error)?;
+        let whole = taken == data.len();
+        self.wire_excess |= !whole;
+        let as_is = whole
+            && if self.client_chunked {
+                dec.clean()
+            } else {
+                dec.framing() != Framing::Chunked
+            };
+        // Feed the payload to the meter; collect the output only once something differs from the input.
+        let mut edited: Option<Vec<u8>> = None;
+        for (k, r) in self.ranges.iter().enumerate() {
+            let piece = &data[r.clone()];
+            match (self.core.feed(piece), edited.as_mut()) {
+                (None, None) => {}
+                (None, Some(out)) => out.extend_from_slice(piece),
+                (Some(new), out) => {
+                    let out = match out {
+                        Some(out) => out,
+                        None => {
+                            let mut out = Vec::with_capacity(new.len() + piece.len());
+                            for prev in &self.ranges[..k] {
+                                out.extend_from_slice(&data[prev.clone()]);
+                            }
+                            edited.insert(out)
+                        }
+                    };
+                    out.extend_from_slice(&new);
+                }
+            }
+        }
+        self.stamp_first_token(py)?;
+        if edited.is_none() && as_is {
+            return Ok(None);
+        }
+        let payload_len = match &edited {
+            Some(out) => out.len(),
+            None => self.ranges.iter().map(|r| r.len()).sum(),
+        };
+        let write_payload = |out: &mut Vec<u8>| match &edited {
+            Some(e) => out.extend_from_slice(e),
+            None => {
+                for r in &self.ranges {
+                    out.extend_from_slice(&data[r.clone()]);
+                }
+            }
+        };
+        let mut out = Vec::new();
+        if self.client_chunked {
+            write_chunk(&mut out, payload_len, write_payload);
+        } else {
+            write_payload(&mut out);
+        }
+        Ok(Some(PyBytes::new(py, &out)))
+    }
+
+    /// The upstream connection closed: completes a body read to the close; ValueError if the body is incomplete.
+    fn wire_close(&mut self) -> PyResult<()> {
+        match self.wire.as_mut() {
+            Some(dec) => dec.finish_on_close().map_err(super::h1::h1_error),
+            None => Ok(()),
+        }
+    }
+
+    /// The upstream body has been read to its end.
+    #[getter]
+    fn wire_done(&self) -> bool {
+        self.wire.as_ref().is_some_and(BodyDecoder::done)
+    }
+
+    /// Bytes came after the body's end (the connection cannot be reused).
+    #[getter]
+    fn wire_excess(&self) -> bool {
+        self.wire_excess
     }
 
     /// `None`: forward `chunk` unchanged; else the bytes to forward instead.

@@ -1,0 +1,687 @@
+"""The upstream HTTP/1.1 client: keep-alive connections on asyncio protocols, framing parsed in Rust.
+
+Why not aiohttp's client (what tokenrelay used first): per request it builds a request object, a URL, a
+timer set and a StreamReader, and every chunk of a stream wakes the handler task through a future. Here a
+streamed body goes from the upstream connection's `data_received` through the meter (`StreamMeter.feed_wire`,
+which also decodes the upstream's chunked framing) straight to the client's transport, in one callback; a run of
+whole upstream chunks is written to the client as it came, with no copy. The handler task only wakes at the end
+of the body, on an error, or to wait for a slow client to drain.
+
+A response is used in one of two ways: `read()` (a complete answer), or `start_stream(meter)`, then `wait()`
+and `take()` (pull: the stream's opening events, read by read), then `pump()` (push: the rest of the stream to a
+client transport, from the upstream's callbacks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+import zlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from tokenrelay._core import BodyDecoder, StreamMeter, parse_response_head
+
+# Idle keep-alive connections are closed after this long (servers usually close theirs sooner).
+KEEPALIVE_S = 60.0
+MAX_IDLE_PER_ORIGIN = 512
+DNS_TTL_S = 300.0
+# Copy the request body into the head's write below this size (one buffer); above it, write both.
+_COALESCE_BODY = 16 * 1024
+
+
+class UpstreamError(Exception):
+    """The upstream failed: it could not be reached, broke the protocol, or closed the connection early."""
+
+
+class ConnectError(UpstreamError):
+    """No connection could be made."""
+
+
+class ConnectTimeout(UpstreamError):
+    """No connection within the connect timeout."""
+
+
+class _WireFeed(Protocol):
+    """What the stream pump feeds each upstream read: a StreamMeter, or `_Inflating` around one."""
+
+    client_chunked: bool
+
+    def feed_wire(self, data: bytes) -> bytes | None: ...
+    def wire_close(self) -> None: ...
+    @property
+    def wire_done(self) -> bool: ...
+    @property
+    def wire_excess(self) -> bool: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where a base URL connects: scheme, host, port, and the path prefix requests go under."""
+
+    tls: bool
+    host: str
+    port: int
+    host_header: str
+    prefix: str
+
+    @property
+    def key(self) -> tuple[bool, str, int]:
+        return (self.tls, self.host, self.port)
+
+
+@lru_cache(maxsize=1024)
+def origin_of(base_url: str) -> Origin:
+    """Parses a deployment's base URL once (cached): `http(s)://host[:port][/prefix]`."""
+    parts = urlsplit(base_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"not an http(s) URL: {base_url!r}")
+    tls = parts.scheme == "https"
+    port = parts.port or (443 if tls else 80)
+    host = parts.hostname
+    shown = f"[{host}]" if ":" in host else host
+    host_header = shown if port == (443 if tls else 80) else f"{shown}:{port}"
+    return Origin(tls, host, port, host_header, parts.path.rstrip("/"))
+
+
+class _Conn(asyncio.Protocol):
+    """One upstream connection; carries one response at a time."""
+
+    __slots__ = ("client", "dead", "idle_since", "key", "response", "transport")
+
+    def __init__(self, client: Client, key: tuple[bool, str, int]) -> None:
+        self.client = client
+        self.key = key
+        self.transport: asyncio.Transport | None = None
+        self.response: Response | None = None
+        self.dead = False
+        self.idle_since = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # (uvloop's transports don't subclass asyncio's)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError, AttributeError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        response = self.response
+        if response is None:  # nothing was asked: a server talking out of turn; don't reuse it
+            self.dead = True
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        response.sink(data)
+
+    def eof_received(self) -> bool:
+        return False  # close our side too; connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.dead = True
+        response, self.response = self.response, None
+        if response is not None:
+            response.on_lost(exc)
+
+
+class Response:
+    """One upstream response: the head once `Client.request` returns, then the body in one of three ways."""
+
+    __slots__ = (
+        "_ended",
+        "_error",
+        "_excess",
+        "_feed",
+        "_pending",
+        "_waiter",
+        "body",
+        "client",
+        "closed_by_us",
+        "conn",
+        "framing",
+        "head_buf",
+        "head_future",
+        "headers",
+        "keep_alive",
+        "last_read",
+        "length",
+        "loop",
+        "received",
+        "sink",
+        "status",
+        "stream",
+        "time",
+        "version",
+    )
+
+    def __init__(self, client: Client, conn: _Conn, stream: bool) -> None:
+        self.client = client
+        self.conn = conn
+        self.stream = stream
+        self.loop = client.loop
+        self.time = client.loop.time
+        self.status = 0
+        self.version = (1, 1)
+        self.headers: CIMultiDictProxy[str] = _EMPTY_HEADERS
+        self.framing = "close"
+        self.length = 0
+        self.keep_alive = False
+        self.head_buf = b""
+        self.head_future: asyncio.Future[None] = self.loop.create_future()
+        self.sink: Callable[[bytes], None] = self._head
+        self.received = False  # any byte of this response arrived (a reused connection that died before: retried)
+        self.last_read = self.time()  # when the last upstream read arrived (the watchdog's idle clock)
+        self.closed_by_us = False
+        self._pending: list[bytes] = []  # body reads (or meter output) not yet consumed
+        self._feed: _WireFeed | None = None
+        self.body: BodyDecoder | None = None
+        self._ended = False  # the body is complete, or the connection is gone
+        self._error: UpstreamError | None = None
+        self._excess = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    # --- the head ----------------------------------------------------------------------------------------------
+
+    def _head(self, data: bytes) -> None:
+        self.received = True
+        self.last_read = self.time()
+        buf = self.head_buf + data if self.head_buf else data
+        try:
+            head = parse_response_head(buf)
+        except ValueError as exc:
+            self._fail(UpstreamError(f"malformed response: {exc}"))
+            return
+        if head is None:
+            self.head_buf = buf
+            return
+        self.head_buf = b""
+        self.status, _reason, minor, fields, size, self.framing, self.length, self.keep_alive = head
+        self.version = (1, minor)
+        headers: CIMultiDict[str] = CIMultiDict(fields)
+        self.headers = CIMultiDictProxy(headers)
+        self.sink = self._early
+        if not self.head_future.done():
+            self.head_future.set_result(None)
+        if self.framing == "empty" or (self.framing == "length" and self.length == 0):
+            self._end()
+        elif size < len(buf):
+            self._pending.append(buf[size:])
+
+    def _early(self, data: bytes) -> None:
+        """Body bytes before the caller chose how to read them."""
+        self.last_read = self.time()
+        self._pending.append(data)
+
+    # --- the end of a response ---------------------------------------------------------------------------------
+
+    def _end(self) -> None:
+        """The body is complete: the connection goes back to the pool if it can carry another request."""
+        if self._ended:
+            return
+        self._ended = True
+        conn = self.conn
+        if conn.response is self:
+            conn.response = None
+            if self.keep_alive and not self._excess and not conn.dead:
+                self.client._release(conn)
+            elif conn.transport is not None:
+                conn.transport.close()
+        self._wake()
+
+    def _fail(self, error: UpstreamError) -> None:
+        if self._ended:
+            return
+        self._error = error
+        self._ended = True
+        conn = self.conn
+        if conn.response is self:
+            conn.response = None
+        conn.dead = True
+        if conn.transport is not None:
+            conn.transport.abort()
+        if not self.head_future.done():
+            self.head_future.set_exception(error)
+            self.head_future.exception()  # retrieved here: a caller that gave up must not log it
+        self._wake()
+
+    def on_lost(self, exc: Exception | None) -> None:
+        """The connection closed while this response was on it."""
+        if self._ended:
+            return
+        if self.closed_by_us:
+            self._fail(UpstreamError("the connection was closed"))
+            return
+        if self.head_future.done():
+            feed = self._feed
+            try:
+                if feed is not None:
+                    feed.wire_close()
+                elif self.body is not None:
+                    self.body.close()
+                elif self.framing != "close":
+                    raise ValueError("the connection closed before the body was complete")
+            except ValueError as error:
+                detail = f": {exc}" if exc is not None else ""
+                self._fail(UpstreamError(f"{error}{detail}"))
+                return
+            self.keep_alive = False
+            self._end()
+            return
+        detail = f" ({exc})" if exc is not None else ""
+        self._fail(UpstreamError(f"the upstream closed the connection before answering{detail}"))
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _wait(self, limit_s: float | None) -> bool:
+        """Waits for `_wake`; False when `limit_s` passed first."""
+        waiter = self._waiter = self.loop.create_future()
+        timer = self.loop.call_later(limit_s, _resolve, waiter) if limit_s is not None else None
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()
+        return not (timer is not None and waiter.result() is _TIMED_OUT)
+
+    # --- ways to read the body ---------------------------------------------------------------------------------
+
+    @property
+    def ended(self) -> bool:
+        """The body is complete or broken (and all of it was consumed)."""
+        return self._ended and not self._pending
+
+    def close(self) -> None:
+        """Drops the connection (the upstream stops generating); a read in progress ends with UpstreamError."""
+        if self._ended:
+            return
+        self.closed_by_us = True
+        transport = self.conn.transport
+        if transport is not None:
+            transport.abort()  # connection_lost follows, now or on the next loop iteration
+        self._fail(UpstreamError("the connection was closed"))
+
+    def release(self) -> None:
+        """Done with the response: an unfinished body closes the connection (it cannot carry another request)."""
+        if not self._ended:
+            self.close()
+
+    async def read(self) -> bytes:
+        """The whole body, decoded (framing, gzip/deflate). Raises UpstreamError."""
+        body = self.body = BodyDecoder(self.framing, self.length)
+        chunks: list[bytes] = []
+        pending, self._pending = self._pending, []
+        self.sink = self._collect_into(chunks)
+        for data in pending:
+            self.sink(data)
+        while not self._ended:
+            await self._wait(None)
+        if self._error is not None:
+            raise self._error
+        if not body.done:
+            raise UpstreamError("the body ended early")
+        data = b"".join(chunks)
+        encoding = self.headers.get("content-encoding", "").strip().lower()
+        if encoding and encoding != "identity":
+            try:
+                return _inflate_all(data, encoding)
+            except (zlib.error, ValueError) as exc:
+                raise UpstreamError(f"could not decode the {encoding} body: {exc}") from exc
+        return data
+
+    def _collect_into(self, chunks: list[bytes]) -> Callable[[bytes], None]:
+        body = self.body
+        assert body is not None
+
+        def collect(data: bytes) -> None:
+            self.last_read = self.time()
+            try:
+                chunks.append(body.decode(data))
+            except ValueError as exc:
+                self._fail(UpstreamError(str(exc)))
+                return
+            if body.done:
+                self._excess = body.excess
+                self._end()
+
+        return collect
+
+    def start_stream(self, meter: StreamMeter) -> None:
+        """Reads the body as a stream through `meter` (which decodes its framing): `next()`, then `pump()`."""
+        encoding = self.headers.get("content-encoding", "").strip().lower()
+        feed: _WireFeed
+        if encoding and encoding != "identity":
+            feed = _Inflating(meter, self.framing, self.length, encoding)
+        else:
+            meter.frame(self.framing, self.length)
+            feed = meter
+        feed.client_chunked = False
+        self._feed = feed
+        pending, self._pending = self._pending, []
+        self.sink = self._pull
+        for data in pending:
+            self._pull(data)
+        if self.framing == "empty" or (self.framing == "length" and self.length == 0):
+            self._end()
+
+    def _pull(self, data: bytes) -> None:
+        self.last_read = self.time()
+        feed = self._feed
+        assert feed is not None
+        try:
+            out = feed.feed_wire(data)
+        except (ValueError, zlib.error) as exc:
+            self._fail(UpstreamError(f"malformed stream: {exc}"))
+            return
+        self._pending.append(data if out is None else out)
+        if feed.wire_done:
+            self._excess = feed.wire_excess
+            self._end()
+        else:
+            self._wake()
+
+    def take(self) -> bytes:
+        """What the meter made of the reads so far (unframed; `b""` if nothing came). Raises UpstreamError once the
+        stream broke and everything before the break was taken."""
+        if self._pending:
+            pending, self._pending = self._pending, []
+            return pending[0] if len(pending) == 1 else b"".join(pending)
+        if self._error is not None:
+            raise self._error
+        return b""
+
+    async def wait(self, limit_s: float | None) -> bool:
+        """Waits up to `limit_s` (None: no limit) for a read to `take()` or for the end; False on timeout."""
+        if self._pending or self._ended:
+            return True
+        return await self._wait(limit_s)
+
+    async def pump(self, writer: Any, client: asyncio.Transport) -> None:
+        """Relays the rest of the stream to the client, from the upstream's `data_received`: returns at the end
+        of the body; raises UpstreamError if it broke, ConnectionError if the client went away.
+
+        `writer` is the client response's stream writer (`StreamResponse.prepare()`'s result): the pump frames
+        its writes as that writer does (chunked or not) and waits on its drain when the client reads slowly."""
+        feed = self._feed
+        assert feed is not None
+        if self._pending:  # made in pull mode (unframed): the writer frames it
+            pending, self._pending = self._pending, []
+            await writer.write(b"".join(pending))
+        if self._ended:
+            if self._error is not None:
+                raise self._error
+            return
+        writer.send_headers()  # (if nothing was written yet) the pump writes past aiohttp's buffered head
+        feed.client_chunked = bool(writer.chunked)
+        high = client.get_write_buffer_limits()[1]
+        upstream = self.conn.transport
+        assert upstream is not None
+        write = client.write
+        buffered = client.get_write_buffer_size
+        wire = feed.feed_wire
+        time = self.time
+        paused = False
+        gone: list[BaseException] = []
+
+        def push(data: bytes) -> None:
+            nonlocal paused
+            self.last_read = time()
+            try:
+                out = wire(data)
+            except (ValueError, zlib.error) as exc:
+                self._fail(UpstreamError(f"malformed stream: {exc}"))
+                return
+            try:
+                if out is None:
+                    write(data)
+                elif out:
+                    write(out)
+            except (RuntimeError, OSError) as exc:  # the client's transport is closed
+                gone.append(exc)
+                self.close()
+                return
+            if feed.wire_done:
+                self._excess = feed.wire_excess
+                self._end()
+            elif buffered() > high and not paused:
+                paused = True
+                upstream.pause_reading()
+                self._wake()
+
+        self.sink = push
+        while not self._ended:
+            await self._wait(None)
+            if paused and not self._ended:
+                await writer.drain()
+                paused = False
+                if not self._ended:
+                    upstream.resume_reading()
+        if gone:
+            raise ConnectionResetError(f"the client went away: {gone[0]}")
+        if self._error is not None:
+            raise self._error
+
+
+class _Inflating:
+    """`feed_wire` for a compressed stream (an upstream that gzips its events although not asked to): the
+    framing is decoded in Rust, the payload inflated here, then metered and framed for the client."""
+
+    def __init__(self, meter: StreamMeter, framing: str, length: int, encoding: str) -> None:
+        if encoding not in ("gzip", "x-gzip", "deflate"):
+            raise UpstreamError(f"unsupported content-encoding {encoding!r}")
+        self.meter = meter
+        self.body = BodyDecoder(framing, length)
+        self.inflate = zlib.decompressobj(47 if encoding != "deflate" else 15)
+        self.client_chunked = False
+
+    def feed_wire(self, data: bytes) -> bytes | None:
+        payload = self.inflate.decompress(self.body.decode(data))
+        out = self.meter.feed(payload)
+        if out is None:
+            out = payload
+        if self.client_chunked and out:
+            return b"%x\r\n%b\r\n" % (len(out), out)
+        return out
+
+    def wire_close(self) -> None:
+        self.body.close()
+
+    @property
+    def wire_done(self) -> bool:
+        return bool(self.body.done)
+
+    @property
+    def wire_excess(self) -> bool:
+        return bool(self.body.excess)
+
+
+def _inflate_all(data: bytes, encoding: str) -> bytes:
+    if encoding in ("gzip", "x-gzip"):
+        return zlib.decompress(data, 47)
+    if encoding == "deflate":
+        try:
+            return zlib.decompress(data)
+        except zlib.error:
+            return zlib.decompress(data, -15)  # raw deflate, as some servers send it
+    raise ValueError("unsupported content-encoding")
+
+
+_TIMED_OUT = object()
+_EMPTY_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
+
+
+def _resolve(waiter: asyncio.Future[Any]) -> None:
+    if not waiter.done():
+        waiter.set_result(_TIMED_OUT)
+
+
+class Client:
+    """Keep-alive connections per origin, reused last-in first-out; no cap on connections."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, tls: bool = False) -> None:
+        self.loop = loop
+        self.idle: dict[tuple[bool, str, int], list[_Conn]] = {}
+        self._ssl: ssl.SSLContext | None = ssl.create_default_context() if tls else None
+        self._dns: dict[tuple[str, int], tuple[float, list[Any]]] = {}
+        self._sweep: asyncio.TimerHandle | None = None
+        self.closed = False
+
+    async def request(
+        self,
+        method: str,
+        base_url: str,
+        path: str,
+        headers: Mapping[str, str],
+        body: bytes,
+        *,
+        stream: bool,
+        connect_timeout: float,
+    ) -> Response:
+        """Sends the request and waits for the response head. Raises ConnectError, ConnectTimeout or
+        UpstreamError. A reused connection that closes before any byte of the answer is retried once on a
+        new one (the server closed it while idle)."""
+        origin = origin_of(base_url)
+        lines = [f"{method} {origin.prefix}{path} HTTP/1.1\r\nhost: {origin.host_header}\r\n"]
+        lines += [f"{name}: {value}\r\n" for name, value in headers.items()]
+        sized = bool(body) or method == "POST"
+        lines.append(f"content-length: {len(body)}\r\n\r\n" if sized else "\r\n")
+        head = "".join(lines)
+        breaks = len(lines) + 1 + sized
+        if head.count("\n") != breaks or head.count("\r") != breaks:  # a line break in a value injects a header
+            raise UpstreamError("a request header holds a line break")
+        raw = head.encode("latin-1", "replace")
+        for attempt in (0, 1):
+            conn, reused = self._idle_conn(origin.key)
+            if conn is None:
+                conn = await self._connect(origin, connect_timeout)
+            response = Response(self, conn, stream)
+            conn.response = response
+            transport = conn.transport
+            assert transport is not None
+            if len(body) < _COALESCE_BODY:
+                transport.write(raw + body)
+            else:
+                transport.writelines((raw, body))
+            try:
+                await response.head_future
+            except UpstreamError:
+                if reused and attempt == 0 and not response.received and not response.closed_by_us:
+                    continue
+                raise
+            except BaseException:
+                response.close()
+                raise
+            return response
+        raise AssertionError("unreachable")
+
+    def _idle_conn(self, key: tuple[bool, str, int]) -> tuple[_Conn | None, bool]:
+        idle = self.idle.get(key)
+        if not idle:
+            return None, False
+        oldest = self.loop.time() - KEEPALIVE_S
+        while idle:
+            conn = idle.pop()
+            transport = conn.transport
+            if conn.dead or transport is None or transport.is_closing():
+                continue
+            if conn.idle_since < oldest:
+                transport.close()
+                continue
+            return conn, True
+        return None, False
+
+    def _release(self, conn: _Conn) -> None:
+        idle = self.idle.setdefault(conn.key, [])
+        if self.closed or len(idle) >= MAX_IDLE_PER_ORIGIN:
+            if conn.transport is not None:
+                conn.transport.close()
+            return
+        conn.idle_since = self.loop.time()
+        idle.append(conn)
+        if self._sweep is None:
+            self._sweep = self.loop.call_later(KEEPALIVE_S, self._expire)
+
+    def _expire(self) -> None:
+        """Closes connections idle longer than KEEPALIVE_S; runs while any connection is idle."""
+        self._sweep = None
+        oldest = self.loop.time() - KEEPALIVE_S
+        left = 0
+        for key, idle in list(self.idle.items()):
+            keep = []
+            for conn in idle:
+                if conn.dead or conn.transport is None or conn.transport.is_closing():
+                    continue
+                if conn.idle_since < oldest:
+                    conn.transport.close()
+                else:
+                    keep.append(conn)
+            if keep:
+                self.idle[key] = keep
+                left += len(keep)
+            else:
+                del self.idle[key]
+        if left:
+            self._sweep = self.loop.call_later(KEEPALIVE_S / 2, self._expire)
+
+    async def _connect(self, origin: Origin, limit_s: float) -> _Conn:
+        ssl_context: ssl.SSLContext | None = None
+        if origin.tls:
+            if self._ssl is None:
+                self._ssl = await asyncio.to_thread(ssl.create_default_context)
+            ssl_context = self._ssl
+        try:
+            async with asyncio.timeout(limit_s):
+                addresses = await self._resolve(origin.host, origin.port)
+                last: OSError | None = None
+                for family, _type, proto, _, address in addresses:
+                    try:
+                        transport, conn = await self.loop.create_connection(
+                            lambda: _Conn(self, origin.key),
+                            host=address[0],
+                            port=address[1],
+                            family=family,
+                            proto=proto,
+                            ssl=ssl_context,
+                            server_hostname=origin.host if ssl_context is not None else None,
+                        )
+                        conn.transport = transport  # (uvloop may call connection_made only after this returns)
+                        return conn
+                    except OSError as exc:
+                        last = exc
+                raise ConnectError(f"cannot connect to {origin.host}:{origin.port}: {last}")
+        except TimeoutError:
+            raise ConnectTimeout(f"no connection to {origin.host}:{origin.port} within {limit_s:g} s") from None
+        except OSError as exc:  # includes socket.gaierror and ssl.SSLError
+            raise ConnectError(f"cannot connect to {origin.host}:{origin.port}: {exc}") from exc
+
+    async def _resolve(self, host: str, port: int) -> list[Any]:
+        now = self.loop.time()
+        cached = self._dns.get((host, port))
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        infos = await self.loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        if not infos:
+            raise ConnectError(f"{host} has no address")
+        self._dns[host, port] = (now + DNS_TTL_S, list(infos))
+        return list(infos)
+
+    async def close(self) -> None:
+        """Closes every idle connection (responses in flight close with their handlers)."""
+        self.closed = True
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+        for idle in self.idle.values():
+            for conn in idle:
+                if conn.transport is not None:
+                    conn.transport.close()
+        self.idle.clear()

@@ -1,0 +1,310 @@
+"""The upstream HTTP/1.1 client (tokenrelay.h1client) against raw loopback servers, and StreamMeter.feed_wire.
+
+The relay's own behaviour through this client is covered end to end by test_relay, test_hostile_upstream and
+test_routing; here: connection reuse, a keep-alive connection the server closed while idle, header injection,
+and the wire feed's framing (what reaches the client must decode to the upstream's payload, whatever the split).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tokenrelay._core import BodyDecoder, StreamMeter
+from tokenrelay.h1client import Client, ConnectError, UpstreamError
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def server(handler: Handler) -> AsyncIterator[tuple[str, list[int]]]:
+    """A loopback server running `handler` per connection; yields its base URL and a connection counter."""
+    connections = [0]
+
+    async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections[0] += 1
+        try:
+            await handler(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    srv = await asyncio.start_server(on_connection, "127.0.0.1", 0)
+    port = srv.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}/v1", connections
+    finally:
+        srv.close()
+
+
+async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":", 1)[1])
+    return head, await reader.readexactly(length)
+
+
+def answer_once(raw: bytes) -> Handler:
+    """A handler that answers one request with `raw`, then hangs up."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(raw)
+        await writer.drain()
+
+    return handler
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+async def test_keep_alive_connection_is_reused() -> None:
+    heads: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head, body = await read_request(reader)
+            heads.append(head)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
+            await writer.drain()
+
+    async with server(handler) as (url, connections):
+        client = Client(asyncio.get_running_loop())
+        for i in range(3):
+            resp = await client.request(
+                "POST", url, "/echo", {"x-n": str(i)}, b'{"n": %d}' % i, stream=False, connect_timeout=5
+            )
+            assert resp.status == 200
+            assert await resp.read() == b'{"n": %d}' % i
+            resp.release()
+        await client.close()
+    assert connections[0] == 1
+    assert heads[0].startswith(b"POST /v1/echo HTTP/1.1\r\nhost: 127.0.0.1:")
+    assert b"x-n: 2\r\n" in heads[2]
+
+
+async def test_connection_closed_while_idle_is_retried_on_a_new_one() -> None:
+    # no Connection: close, yet the server hangs up after one answer (as servers do on their idle timeout)
+    async with server(answer_once(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")) as (url, connections):
+        client = Client(asyncio.get_running_loop())
+        for _ in range(2):
+            resp = await client.request("POST", url, "/x", {}, b"{}", stream=False, connect_timeout=5)
+            assert await resp.read() == b"ok"
+            await asyncio.sleep(0.05)  # the close reaches the idle connection
+        await client.close()
+    assert connections[0] == 2
+
+
+async def test_stale_connection_that_dies_on_use_is_retried() -> None:
+    """The server's close crosses the next request on the wire: answered on a new connection, not an error."""
+    served = [0]
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request(reader)
+            served[0] += 1
+            if served[0] == 2:
+                return  # close without answering: the first request on a reused connection
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    async with server(handler) as (url, connections):
+        client = Client(asyncio.get_running_loop())
+        for _ in range(2):
+            resp = await client.request("POST", url, "/x", {}, b"{}", stream=False, connect_timeout=5)
+            assert await resp.read() == b"ok"
+        await client.close()
+    assert connections[0] == 2
+
+
+async def test_connection_close_and_http10_are_not_reused() -> None:
+    answers = [
+        b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\na",
+        b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\nb",
+    ]
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(answers.pop(0))
+        await writer.drain()
+        await reader.read()  # keep the connection open: only the client may decide not to reuse it
+
+    async with server(handler) as (url, connections):
+        client = Client(asyncio.get_running_loop())
+        for expected in (b"a", b"b"):
+            resp = await client.request("POST", url, "/x", {}, b"{}", stream=False, connect_timeout=5)
+            assert await resp.read() == expected
+        await client.close()
+    assert connections[0] == 2
+
+
+async def test_garbage_and_early_close_are_upstream_errors() -> None:
+    async with server(answer_once(b"SSH-2.0-OpenSSH\r\n\r\n")) as (url, _):
+        client = Client(asyncio.get_running_loop())
+        with pytest.raises(UpstreamError, match="malformed response"):
+            await client.request("POST", url, "/x", {}, b"{}", stream=False, connect_timeout=5)
+
+    async with server(answer_once(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort")) as (url, _):
+        resp = await client.request("POST", url, "/x", {}, b"{}", stream=False, connect_timeout=5)
+        with pytest.raises(UpstreamError, match="before the body was complete"):
+            await resp.read()
+        await client.close()
+
+
+async def test_unreachable_is_a_connect_error() -> None:
+    async with server(read_request) as (url, _):
+        pass  # closed: nothing listens on that port any more
+    client = Client(asyncio.get_running_loop())
+    with pytest.raises(ConnectError):
+        await client.request("POST", url, "/x", {}, b"{}", stream=False, connect_timeout=5)
+
+
+async def test_header_line_breaks_are_refused() -> None:
+    client = Client(asyncio.get_running_loop())
+    for value in ("a\r\nx-injected: 1", "a\nb", "a\rb"):
+        with pytest.raises(UpstreamError, match="line break"):
+            await client.request("POST", "http://127.0.0.1:9/v1", "/x", {"x": value}, b"", stream=False,
+                                 connect_timeout=1)  # fmt: skip
+
+
+async def test_gzip_answer_is_inflated() -> None:
+    import gzip
+
+    payload = b'{"ok": true}' * 100
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        body = gzip.compress(payload)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n")
+        writer.write(chunk(body[:10]) + chunk(body[10:]) + b"0\r\n\r\n")
+        await writer.drain()
+        await reader.read()
+
+    async with server(handler) as (url, _):
+        client = Client(asyncio.get_running_loop())
+        resp = await client.request("POST", url, "/x", {}, b"{}", stream=False, connect_timeout=5)
+        assert await resp.read() == payload
+        await client.close()
+
+
+# --- StreamMeter.feed_wire: the framing of what the client receives ---------------------------------------
+
+
+def chat_events(n: int) -> list[bytes]:
+    events = [
+        b'data: {"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"t%d "}}]}\n\n' % i
+        for i in range(n)
+    ]
+    usage = b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":%d}}\n\n' % n
+    return [*events, usage, b"data: [DONE]\n\n"]
+
+
+def relay_through(meter: StreamMeter, wire: bytes, cuts: list[int], chunked_client: bool) -> tuple[bytes, int]:
+    """Feeds `wire` split at `cuts`; the bytes a client would get (framing included) and how many reads went out
+    unchanged."""
+    meter.client_chunked = chunked_client
+    out = []
+    as_is = 0
+    bounds = sorted({c % (len(wire) + 1) for c in cuts} | {len(wire)})
+    start = 0
+    for end in bounds:
+        part = wire[start:end]
+        start = end
+        if not part:
+            continue
+        got = meter.feed_wire(part)
+        if got is None:
+            as_is += 1
+            out.append(part)
+        else:
+            out.append(got)
+    return b"".join(out), as_is
+
+
+def unchunk(data: bytes) -> bytes:
+    decoder = BodyDecoder("chunked")
+    payload = decoder.decode(data + b"0\r\n\r\n")
+    assert decoder.done
+    return payload
+
+
+def test_whole_chunks_go_out_as_they_came() -> None:
+    events = chat_events(3)
+    meter = StreamMeter("chat")
+    meter.frame("chunked")
+    meter.client_chunked = True
+    reads = [chunk(e) for e in events[:-1]]
+    for read in reads:
+        assert meter.feed_wire(read) is None  # forwarded without a copy
+    last = meter.feed_wire(chunk(events[-1]) + b"0\r\n\r\n")
+    assert last == chunk(events[-1])  # the last chunk is the client's framing to write
+    assert meter.wire_done and meter.done and meter.content_started
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n=st.integers(1, 12),
+    sizes=st.lists(st.integers(1, 400), min_size=1, max_size=8),
+    cuts=st.lists(st.integers(0, 10_000), max_size=12),
+    strip=st.booleans(),
+    chunked_client=st.booleans(),
+)
+def test_any_split_reaches_the_client_intact(
+    n: int, sizes: list[int], cuts: list[int], strip: bool, chunked_client: bool
+) -> None:
+    events = chat_events(n)
+    body = b"".join(events)
+    pieces, i, k = [], 0, 0
+    while i < len(body):
+        size = sizes[k % len(sizes)]
+        pieces.append(body[i : i + size])
+        i, k = i + size, k + 1
+    wire = b"".join(chunk(p) for p in pieces) + b"0\r\n\r\n"
+    meter = StreamMeter("chat", strip_usage=strip)
+    meter.frame("chunked")
+    got, _ = relay_through(meter, wire, cuts, chunked_client)
+    rest = meter.flush()  # held back by strip mode: written by aiohttp's writer, which frames it
+    got += chunk(rest) if chunked_client and rest else rest
+    payload = unchunk(got) if chunked_client else got
+    expected = body if not strip else b"".join(e for e in events if b'"usage"' not in e)
+    assert payload == expected
+    assert meter.wire_done and meter.done
+    assert meter.finish().output == n
+
+
+def test_length_and_close_framing_are_framed_for_a_chunked_client() -> None:
+    body = b"".join(chat_events(2))
+    meter = StreamMeter("chat")
+    meter.frame("length", len(body) - 5)  # a short Content-Length: the rest is not this response's
+    got, as_is = relay_through(meter, body, [40], chunked_client=True)
+    assert as_is == 0 and unchunk(got) == body[:-5]
+    assert meter.wire_done and meter.wire_excess
+    meter = StreamMeter("chat")
+    meter.frame("close")
+    got, as_is = relay_through(meter, body, [40], chunked_client=False)
+    assert got == body and as_is == 2  # unframed in, unframed out: no copy
+    assert not meter.wire_done
+    meter.wire_close()
+    assert meter.wire_done
+
+
+def test_malformed_framing_and_early_close() -> None:
+    meter = StreamMeter("chat")
+    meter.frame("chunked")
+    with pytest.raises(ValueError, match="chunk"):
+        meter.feed_wire(b"zz\r\n")
+    meter = StreamMeter("chat")
+    meter.frame("chunked")
+    meter.feed_wire(b"5\r\nda")
+    with pytest.raises(ValueError, match="before the body was complete"):
+        meter.wire_close()
+    with pytest.raises(ValueError, match="framing"):
+        StreamMeter("chat").frame("sideways")
