@@ -86,6 +86,8 @@ class StreamMeter:
     @property
     def wire_excess(self) -> bool:
         """Bytes came after the body's end (the connection cannot be reused)."""
+    def work_bytes(self, request_len: int) -> int:
+        """Bytes finish() would tokenize given a request body of `request_len` bytes (0: all was reported)."""
     def finish(self, request_body: bytes | None = None) -> Usage:
         """Usage of the whole request, estimating what the provider did not report (GIL released).
 

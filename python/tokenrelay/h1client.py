@@ -91,6 +91,23 @@ def origin_of(base_url: str) -> Origin:
     return Origin(tls, host, port, host_header, parts.path.rstrip("/"))
 
 
+def request_head(method: str, origin: Origin, path: str, headers: Mapping[str, str]) -> bytes:
+    """A request line and header block for `origin` (no Content-Length, no closing blank line)."""
+    line = f"{method} {origin.prefix}{path} HTTP/1.1\r\nhost: {origin.host_header}\r\n"
+    return line.encode("latin-1", "replace") + header_lines(headers)
+
+
+def header_lines(headers: Mapping[str, str]) -> bytes:
+    """`name: value` lines; UpstreamError names a header whose name or value holds a line break (it would
+    inject headers)."""
+    lines = []
+    for name, value in headers.items():
+        if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
+            raise UpstreamError(f"the request header {name!r} holds a line break")
+        lines.append(f"{name}: {value}\r\n")
+    return "".join(lines).encode("latin-1", "replace")
+
+
 class _Conn(asyncio.Protocol):
     """One upstream connection; carries one response at a time."""
 
@@ -546,19 +563,32 @@ class Client:
         stream: bool,
         connect_timeout: float,
     ) -> Response:
-        """Sends the request and waits for the response head. Raises ConnectError, ConnectTimeout or
-        UpstreamError. A reused connection that closes before any byte of the answer is retried once on a
-        new one (the server closed it while idle)."""
+        """Sends the request and waits for the response head (see `send`)."""
         origin = origin_of(base_url)
-        lines = [f"{method} {origin.prefix}{path} HTTP/1.1\r\nhost: {origin.host_header}\r\n"]
-        lines += [f"{name}: {value}\r\n" for name, value in headers.items()]
-        sized = bool(body) or method == "POST"
-        lines.append(f"content-length: {len(body)}\r\n\r\n" if sized else "\r\n")
-        head = "".join(lines)
-        breaks = len(lines) + 1 + sized
-        if head.count("\n") != breaks or head.count("\r") != breaks:  # a line break in a value injects a header
-            raise UpstreamError("a request header holds a line break")
-        raw = head.encode("latin-1", "replace")
+        return await self.send(
+            origin,
+            request_head(method, origin, path, headers),
+            body,
+            stream=stream,
+            connect_timeout=connect_timeout,
+            sized=bool(body) or method == "POST",
+        )
+
+    async def send(
+        self,
+        origin: Origin,
+        head: bytes,
+        body: bytes,
+        *,
+        stream: bool,
+        connect_timeout: float,
+        sized: bool = True,
+    ) -> Response:
+        """Sends a request whose head (`request_head()`: request line and headers, without Content-Length and
+        the blank line) is already built, and waits for the response head. Raises ConnectError, ConnectTimeout
+        or UpstreamError. A reused connection that closes before any byte of the answer is retried once on a
+        new one (the server closed it while idle)."""
+        raw = head + (b"content-length: %d\r\n\r\n" % len(body) if sized else b"\r\n")
         for attempt in (0, 1):
             conn, reused = self._idle_conn(origin.key)
             if conn is None:

@@ -39,7 +39,7 @@ from tokenrelay.h1client import Client, ConnectError, ConnectTimeout, Response, 
 from tokenrelay.metering import Metering, Outcome
 from tokenrelay.ratelimit import cooldown_from_headers
 from tokenrelay.routing import CANCELLED, FAILURE, RATE_LIMITED, SUCCESS, RoutePool
-from tokenrelay.upstream import redact, redact_text, response_headers, upstream_headers
+from tokenrelay.upstream import redact, redact_text, response_headers, upstream_request
 
 log = logging.getLogger("tokenrelay.relay")
 T = TypeVar("T")
@@ -268,6 +268,7 @@ class Relay:
         # getpid() system call.
         self.loop = asyncio.get_running_loop()
         self.in_flight = 0
+        self._background: set[asyncio.Future[None]] = set()  # hedge losers being counted
         self.stopping = False  # set when a shutdown begins: handlers cancelled after that were cut by it
 
     @property
@@ -372,8 +373,13 @@ class Relay:
             tried.append(pick.index)
             attempt = Attempt(call, route, pool, pick.index)
             outcome.attempts += 1
+            delay = self._hedge_delay(route, pool) if len(route.deployments) > 1 else None
             try:
-                winner = await self._open_hedged(attempt, tried)
+                if delay is None:
+                    await self._open(attempt)  # (directly: one coroutine frame less held per open stream)
+                    winner = attempt
+                else:
+                    winner = await self._open_hedged(attempt, tried, delay)
             except _Retry as failure:
                 last = failure
                 log.info("attempt %d on %s failed: %s", outcome.attempts, attempt.deployment.name, failure.message)
@@ -393,12 +399,8 @@ class Relay:
             return pool.ttft_quantile(0.95)
         return None
 
-    async def _open_hedged(self, first: Attempt, tried: list[int]) -> Attempt:
-        """Opens the attempt; if the route hedges and no first token came in time, races a second deployment."""
-        delay = self._hedge_delay(first.route, first.pool)
-        if delay is None or len(first.route.deployments) < 2:
-            await self._open(first)
-            return first
+    async def _open_hedged(self, first: Attempt, tried: list[int], delay: float) -> Attempt:
+        """Opens the attempt; if no first token came within `delay` seconds, races a second deployment."""
         tasks: dict[asyncio.Task[None], Attempt] = {asyncio.ensure_future(self._open(first)): first}
         try:
             done, _ = await asyncio.wait(tasks, timeout=delay)
@@ -441,11 +443,21 @@ class Relay:
         record = dataclasses.replace(call.outcome, request_id=metering.new_request_id(), attempts=1, extra={})
         loser.fill(record)
         record.fail(499, metering.CANCELLED_HEDGE, "a hedged attempt on another deployment answered first")
-        if loser.meter is not None:
-            with contextlib.suppress(ValueError):
-                record.usage = loser.meter.finish(loser.sent)
         record.ended_ns = time.monotonic_ns()
-        self.meter.record(record)
+        meter = loser.meter
+        if meter is None:
+            self.meter.record(record)
+            return
+        # Its count may take a thread: the winner's stream does not wait for it.
+        task = asyncio.ensure_future(self._record_counted(meter, loser.sent, record))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _record_counted(self, meter: StreamMeter, sent: bytes, record: Outcome) -> None:
+        try:
+            await self._finish_usage(meter, sent, record)
+        finally:
+            self.meter.record(record)
 
     def _upstream_body(self, attempt: Attempt) -> tuple[bytes, bool]:
         """The body the upstream gets (its own model name; usage asked for) and whether to strip that usage."""
@@ -464,7 +476,9 @@ class Relay:
                 strip_usage = True
         if not changes:
             return call.raw, strip_usage
-        return orjson.dumps({**body, **changes}), strip_usage
+        # A copy of exact size: orjson's output keeps its whole growth buffer (~4 KB for a small body), and this
+        # body is held for the stream's life (input is estimated from it when the upstream reports none).
+        return bytes(memoryview(orjson.dumps({**body, **changes}))), strip_usage
 
     @staticmethod
     def _translated_body(attempt: Attempt) -> tuple[bytes, bool]:
@@ -501,14 +515,9 @@ class Relay:
         ok = False
         try:
             try:
-                upstream = await self.client.request(
-                    "POST",
-                    deployment.base_url,
-                    attempt.upstream_path,
-                    upstream_headers(deployment, call.request.headers, call.stream),
-                    body,
-                    stream=call.stream,
-                    connect_timeout=attempt.route.timeouts.connect,
+                origin, head = upstream_request(deployment, attempt.upstream_path, call.request.headers, call.stream)
+                upstream = await self.client.send(
+                    origin, head, body, stream=call.stream, connect_timeout=attempt.route.timeouts.connect
                 )
             except asyncio.CancelledError:
                 if watchdog.fired is None:
@@ -684,14 +693,16 @@ class Relay:
         headers["cache-control"] = "no-cache"
         if not headers.get("content-type", "").startswith("text/event-stream"):
             headers["content-type"] = "text/event-stream"  # the upstream mislabelled its stream (text/plain...)
-        response = web.StreamResponse(status=upstream.status, headers=headers)
+        response = _StreamHead(status=upstream.status, headers=headers)
         failure: str | None = None
         transport = call.request.transport
         watchdog.watch_client(transport, self.config.write_timeout_s)
         try:
             writer = await response.prepare(call.request)
             if attempt.held:
-                await response.write(b"".join(attempt.held))
+                await response.write(b"".join(attempt.held))  # one write with the head
+            elif writer is not None:
+                writer.send_headers()  # nothing to send yet (a long thinking phase): the head goes out now
             if not (meter.content_started or meter.done):
                 await self._await_content(attempt, response)
             if transport is None or writer is None:
@@ -714,19 +725,23 @@ class Relay:
             failure = watchdog.describe() if watchdog.fired else f"the upstream stream broke: {exc}"
         except asyncio.CancelledError:
             upstream.close()
-            outcome.usage = meter.finish(attempt.sent)
-            if meter.done:
-                outcome.delivered = True
-                attempt.release(SUCCESS, outcome.usage)
-            else:
-                why = watchdog.describe() if watchdog.fired == "client" else "the client closed the connection"
-                self._cancelled(outcome, why)
-                attempt.release(CANCELLED, outcome.usage)
+            try:
+                # Off the loop when it counts tokens: a cut stream has no usage chunk, and the first count also
+                # loads a vocabulary (~50-100 ms).
+                await self._finish_usage(meter, attempt.sent, outcome)
+            finally:
+                if meter.done:
+                    outcome.delivered = True
+                    attempt.release(SUCCESS, outcome.usage)
+                else:
+                    why = watchdog.describe() if watchdog.fired == "client" else "the client closed the connection"
+                    self._cancelled(outcome, why)
+                    attempt.release(CANCELLED, outcome.usage)
             raise
         finally:
             watchdog.cancel()
             upstream.release()
-        await self._finish_usage(meter, call, attempt.sent)
+        await self._finish_usage(meter, attempt.sent, outcome)
         if failure is not None and not outcome.error_class:
             outcome.fail(
                 504 if watchdog.fired else 502, metering.TIMEOUT if watchdog.fired else metering.UPSTREAM_ERROR, failure
@@ -772,26 +787,34 @@ class Relay:
         if meter.content_started:
             self._first_token(attempt)
 
-    async def _finish_usage(self, meter: StreamMeter, call: Call, sent: bytes) -> Usage:
-        """The request's usage; counting large texts happens in a thread so the event loop never waits on it.
+    async def _finish_usage(self, meter: StreamMeter, sent: bytes, outcome: Outcome) -> Usage:
+        """The usage of a stream, into `outcome`; counting large texts happens in a thread so the event loop never
+        waits on it.
 
         If the client goes away meanwhile (the handler is cancelled), the count still completes and is recorded
         before the cancellation goes on: a metered request is never lost."""
         global _vocabulary_loaded
-        pending = meter.estimate_bytes
+        pending = meter.work_bytes(len(sent))
         # The first count loads a BPE vocabulary (~50-100 ms): that too happens off the loop.
         if not (pending > ESTIMATE_INLINE_BYTES or (pending and not _vocabulary_loaded)):
-            usage = call.outcome.usage = meter.finish(sent)
+            usage = outcome.usage = meter.finish(sent)
             return usage
         counting = self.loop.run_in_executor(None, meter.finish, sent)
         try:
             usage = await asyncio.shield(counting)
         except asyncio.CancelledError:
-            call.outcome.usage = await counting
+            outcome.usage = await counting
             raise
         _vocabulary_loaded = True
-        call.outcome.usage = usage
+        outcome.usage = usage
         return usage
+
+
+class _StreamHead(web.StreamResponse):
+    """A stream response whose head goes out with the first bytes of the body: one write and one TCP segment
+    for the client to wake up to, not two (aiohttp's StreamResponse sends its head at prepare())."""
+
+    _send_headers_immediately = False
 
 
 def _label(value: str) -> str:

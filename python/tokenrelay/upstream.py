@@ -8,6 +8,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from tokenrelay import __version__
 from tokenrelay.config import Deployment
+from tokenrelay.h1client import Origin, header_lines, origin_of, request_head
 
 USER_AGENT = f"tokenrelay/{__version__}"
 
@@ -58,6 +59,35 @@ def upstream_headers(deployment: Deployment, client: Mapping[str, str], stream: 
             headers[name] = value
     headers.update(deployment.headers)
     return headers
+
+
+# (deployment, path, stream, anthropic-version) -> the deployment and its request head: built once, not per request.
+_HEADS: dict[tuple[int, str, bool, str | None], tuple[Deployment, Origin, bytes]] = {}
+
+
+def upstream_request(
+    deployment: Deployment, path: str, client: Mapping[str, str], stream: bool
+) -> tuple[Origin, bytes]:
+    """Where a request goes and its head (`h1client.request_head`): the part that depends on the deployment
+    alone is cached; the client headers a provider needs to see are added to it."""
+    version = client.get("anthropic-version") if deployment.kind == "anthropic" else None
+    key = (id(deployment), path, stream, version)
+    cached = _HEADS.get(key)
+    if cached is None or cached[0] is not deployment:
+        if len(_HEADS) > 4096:  # versions come from clients: keep the cache bounded
+            _HEADS.clear()
+        static = upstream_headers(deployment, {"anthropic-version": version} if version else {}, stream)
+        origin = origin_of(deployment.base_url)
+        cached = _HEADS[key] = (deployment, origin, request_head("POST", origin, path, static))
+    _, origin, head = cached
+    extra = {}
+    for name in FORWARDED_CLIENT_HEADERS:
+        value = client.get(name)
+        if value is not None and name not in deployment.headers:
+            extra[name] = value
+    if extra:
+        head += header_lines(extra)
+    return origin, head
 
 
 REDACTED = "[redacted]"

@@ -151,6 +151,12 @@ impl Tally {
         }
     }
 
+    /// Bytes [`Tally::usage`] would tokenize given a request body of `request_len` bytes (0 when the provider
+    /// reported everything): how long the call may take.
+    pub fn work_bytes(&self, request_len: usize) -> usize {
+        self.estimate_bytes() + if self.input.is_none() { request_len } else { 0 }
+    }
+
     /// Bytes of text [`Tally::usage`] would have to tokenize (0 when output and reasoning are reported).
     pub fn estimate_bytes(&self) -> usize {
         match (self.output, self.reasoning) {

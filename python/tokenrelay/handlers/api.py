@@ -48,6 +48,8 @@ def _error_api(api: str) -> str:
 
 
 def _parse_tags(value: str) -> str | None:
+    if not value:
+        return ""
     tags = [t.strip() for t in value.split(",") if t.strip()]
     if len(tags) > MAX_TAGS or any(len(t) > MAX_TAG_LENGTH for t in tags):
         return None

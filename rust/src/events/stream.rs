@@ -47,8 +47,9 @@ pub struct StreamMeter {
     /// Scratch: absolute ranges of events to drop in the current feed.
     drops: Vec<(u64, u64)>,
     finished: bool,
-    /// Rewrites every event into the client's format (a route whose deployment speaks another API).
-    translator: Option<StreamTranslator>,
+    /// Rewrites every event into the client's format (a route whose deployment speaks another API). Boxed:
+    /// most streams are not translated, and a meter lives as long as its stream.
+    translator: Option<Box<StreamTranslator>>,
 }
 
 impl StreamMeter {
@@ -86,7 +87,7 @@ impl StreamMeter {
     ) -> Option<Self> {
         let translator = StreamTranslator::new(upstream, client, include_usage, created)?;
         let mut meter = Self::new(upstream, model, false);
-        meter.translator = Some(translator);
+        meter.translator = Some(Box::new(translator));
         Some(meter)
     }
 
@@ -253,6 +254,10 @@ impl StreamMeter {
     /// Bytes of text `usage()` would tokenize.
     pub fn estimate_bytes(&self) -> usize {
         self.state.tally.estimate_bytes()
+    }
+    /// Bytes [`StreamMeter::usage`] would tokenize given a request body of `request_len` bytes.
+    pub fn work_bytes(&self, request_len: usize) -> usize {
+        self.state.tally.work_bytes(request_len)
     }
 }
 

@@ -298,7 +298,8 @@ impl PyStreamMeter {
         // Meters an unterminated last event; held bytes (strip mode) are the caller's to flush() first.
         let _ = self.core.flush();
         let core = &self.core;
-        PyUsage(py.detach(|| core.usage(request_body)))
+        let work = core.work_bytes(request_body.map_or(0, <[u8]>::len));
+        PyUsage(super::detach_if(py, work, || core.usage(request_body)))
     }
 
     #[getter]
@@ -339,6 +340,10 @@ impl PyStreamMeter {
     fn estimate_bytes(&self) -> usize {
         self.core.estimate_bytes()
     }
+    /// Bytes `finish()` would tokenize given a request body of `request_len` bytes (0: all reported).
+    fn work_bytes(&self, request_len: usize) -> usize {
+        self.core.work_bytes(request_len)
+    }
     #[getter]
     fn first_token_ns(&self) -> Option<u64> {
         self.first_token_ns
@@ -360,9 +365,14 @@ fn decode_body(
     request_body: Option<&[u8]>,
 ) -> PyResult<PyUsage> {
     let api = parse_api(api, true)?;
-    Ok(PyUsage(py.detach(|| {
-        events::decode_body(api, body, model, request_body)
-    })))
+    // The parse is as long as the body; the counting only happens for what the provider did not report.
+    let req_len = request_body.map_or(0, <[u8]>::len);
+    let tally = super::detach_if(py, body.len(), || events::tally_body(api, body));
+    Ok(PyUsage(super::detach_if(
+        py,
+        tally.work_bytes(req_len),
+        || tally.usage(api, model, request_body),
+    )))
 }
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

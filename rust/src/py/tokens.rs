@@ -9,10 +9,6 @@ use pyo3::types::{PyBytes, PyString};
 use crate::api::Api;
 use crate::tokens::{self, Encoding};
 
-/// Above this many bytes a count releases the GIL (≈ 40 µs of work; releasing costs well under 1 µs, but
-/// short counts are the common case and stay on the fast path).
-const DETACH_ABOVE: usize = 4096;
-
 fn encoding(name: &str) -> PyResult<Encoding> {
     Encoding::from_name(name).ok_or_else(|| {
         PyValueError::new_err(format!(
@@ -41,12 +37,10 @@ fn utf8<'a>(text: &'a Bound<'_, PyString>) -> PyResult<Cow<'a, str>> {
 fn count_tokens(py: Python<'_>, text: &Bound<'_, PyString>, encoding: &str) -> PyResult<usize> {
     let encoding = self::encoding(encoding)?;
     let text = utf8(text)?;
-    if text.len() > DETACH_ABOVE {
-        let text: &str = &text;
-        Ok(py.detach(|| tokens::count(encoding, text)))
-    } else {
-        Ok(tokens::count(encoding, &text))
-    }
+    let text: &str = &text;
+    Ok(super::detach_if(py, text.len(), || {
+        tokens::count(encoding, text)
+    }))
 }
 
 /// encoding_for_model(model) -> (encoding name, known): `known` is False when the encoding is a guess.
@@ -65,7 +59,9 @@ fn estimate_input_tokens(py: Python<'_>, api: &str, body: &[u8], model: &str) ->
             "unknown api {api:?} (expected 'chat', 'completions', 'responses', 'messages' or 'embeddings')"
         ))
     })?;
-    Ok(py.detach(|| tokens::estimate_input(api, body, model)))
+    Ok(super::detach_if(py, body.len(), || {
+        tokens::estimate_input(api, body, model)
+    }))
 }
 
 /// preload_encoding(encoding="o200k_base") -> None: load an encoding now instead of on first use.

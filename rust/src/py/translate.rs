@@ -43,8 +43,9 @@ fn translate_request<'py>(
     let client = api(client)?;
     let kind = Kind::from_name(kind)
         .ok_or_else(|| PyValueError::new_err(format!("unknown deployment kind {kind:?}")))?;
-    let out =
-        py.detach(|| translate::translate_request(client, kind, body, model, drop_unsupported));
+    let out = super::detach_if(py, body.len(), || {
+        translate::translate_request(client, kind, body, model, drop_unsupported)
+    });
     out.map(|b| PyBytes::new(py, &b)).map_err(|e| to_py(py, e))
 }
 
@@ -57,7 +58,9 @@ fn translate_response<'py>(
     body: &[u8],
 ) -> PyResult<Bound<'py, PyBytes>> {
     let (upstream, client) = (api(upstream)?, api(client)?);
-    let out = py.detach(|| translate::translate_response(upstream, client, body));
+    let out = super::detach_if(py, body.len(), || {
+        translate::translate_response(upstream, client, body)
+    });
     out.map(|b| PyBytes::new(py, &b)).map_err(|e| to_py(py, e))
 }
 
