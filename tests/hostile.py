@@ -12,6 +12,7 @@ import contextlib
 import gzip
 import json
 import socket
+import ssl
 import struct
 import threading
 import zlib
@@ -74,6 +75,7 @@ class HostileUpstream:
     """The server. `start()` binds 127.0.0.1:0 and returns self; `stop()` ends every handler."""
 
     port: int = 0
+    tls: ssl.SSLContext | None = None  # serve HTTPS with this context
     connections: int = 0
     requests: list[Request] = field(default_factory=list)
     disconnects: int = 0
@@ -83,7 +85,7 @@ class HostileUpstream:
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     def url(self, mode: str) -> str:
-        return f"http://127.0.0.1:{self.port}/{mode}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}/{mode}"
 
     def start(self) -> HostileUpstream:
         ready = threading.Event()
@@ -91,7 +93,8 @@ class HostileUpstream:
         def run() -> None:
             loop = self._loop = asyncio.new_event_loop()
             asyncio.set_event_loop(loop)
-            self._server = loop.run_until_complete(asyncio.start_server(self._on_connection, "127.0.0.1", 0))
+            serving = asyncio.start_server(self._on_connection, "127.0.0.1", 0, ssl=self.tls)
+            self._server = loop.run_until_complete(serving)
             self.port = self._server.sockets[0].getsockname()[1]
             ready.set()
             loop.run_forever()

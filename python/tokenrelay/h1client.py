@@ -293,6 +293,10 @@ class Response:
         detail = f" ({exc})" if exc is not None else ""
         self._fail(UpstreamError(f"the upstream closed the connection before answering{detail}"))
 
+    def wake(self) -> None:
+        """Wakes a `wait()` in progress (it returns True; nothing may have arrived)."""
+        self._wake()
+
     def _wake(self) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():

@@ -109,13 +109,15 @@ class _Watchdog:
     idle period, and when a deadline has passed it closes the upstream response, which ends the read loop. Once
     the response is committed it also watches the client: one that reads nothing for `write_timeout` (its
     transport's buffer neither drains nor grows) is disconnected, so a write blocked on a full buffer cannot hang
-    the handler.
+    the handler. For a stream it also ends the hold of the opening events at `hold_until` (by waking the upstream
+    response's reader): one timer, not one per wait.
     """
 
-    def __init__(self, route: Route, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, route: Route, loop: asyncio.AbstractEventLoop, hold_s: float | None = None) -> None:
         self.loop = loop
         self.timeouts = route.timeouts
         self.started = self.last = self.loop.time()
+        self.hold_until = self.started + hold_s if hold_s is not None else None
         self.first = True
         self.fired: str | None = None
         self.response: Response | None = None
@@ -125,7 +127,10 @@ class _Watchdog:
         self._upstream_done = False
         self._stall_since = 0.0
         self._stall_size = 0
-        self._handle = self.loop.call_at(self._deadline(), self._check)
+        self._handle = self.loop.call_at(self._next(self._deadline()), self._check)
+
+    def _next(self, deadline: float) -> float:
+        return deadline if self.hold_until is None else min(deadline, self.hold_until)
 
     def _deadline(self) -> float:
         t = self.timeouts
@@ -135,6 +140,10 @@ class _Watchdog:
 
     def _check(self) -> None:
         now = self.loop.time()
+        if self.hold_until is not None and now >= self.hold_until:
+            self.hold_until = None
+            if self.response is not None:
+                self.response.wake()
         if self.client is not None:
             if self.client.is_closing():
                 return
@@ -148,7 +157,7 @@ class _Watchdog:
         deadline = self._deadline()
         if now < deadline:
             if self.client is None:
-                self._handle = self.loop.call_at(deadline, self._check)
+                self._handle = self.loop.call_at(self._next(deadline), self._check)
             elif deadline < now + self.write_timeout / 4:
                 self._handle.cancel()
                 self._handle = self.loop.call_at(deadline, self._check)
@@ -510,7 +519,8 @@ class Relay:
             self._count_locally(attempt)
             return
         loop = self.loop
-        watchdog = attempt.watchdog = _Watchdog(attempt.route, loop)
+        hold_s = min(MAX_HOLD_S, attempt.route.keepalive_interval_s or MAX_HOLD_S) if call.stream else None
+        watchdog = attempt.watchdog = _Watchdog(attempt.route, loop, hold_s)
         watchdog.task = asyncio.current_task(loop)
         ok = False
         try:
@@ -626,9 +636,6 @@ class Relay:
         meter = attempt.meter = StreamMeter(attempt.upstream_api, attempt.model, strip_usage, translate_to)
         watchdog = attempt.watchdog
         assert watchdog is not None
-        loop = self.loop
-        hold = min(MAX_HOLD_S, attempt.route.keepalive_interval_s or MAX_HOLD_S)
-        hold_until = loop.time() + hold
         try:
             upstream.start_stream(meter)  # the opening events are often in already: metered here, no wait
             while True:
@@ -637,14 +644,16 @@ class Relay:
                     attempt.held.append(data)
                 if meter.content_started or meter.done or meter.error is not None or upstream.ended:
                     break
-                remaining = hold_until - loop.time()
-                if remaining <= 0 or not await upstream.wait(remaining):
+                if watchdog.hold_until is None:  # the hold is over (counted from the attempt's start)
                     break
+                await upstream.wait(None)  # until a read, the end, or the watchdog at hold_until
         except _READ_ERRORS as exc:
             attempt.release(FAILURE)
             if watchdog.fired:
                 raise _Retry(504, metering.TIMEOUT, f"{attempt.deployment.name}: {watchdog.describe()}") from exc
             raise _Retry(502, metering.UPSTREAM_ERROR, f"upstream stream failed before any content: {exc}") from exc
+        finally:
+            watchdog.hold_until = None
         if meter.error is not None and not meter.content_started:
             attempt.release(FAILURE)
             message = redact_text(meter.error.get("message", ""), attempt.deployment)
