@@ -89,7 +89,7 @@ def endpoint(api: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]
 
         cap = relay.config.max_connections_per_key
         if cap is None:
-            return await serve(request, outcome, reject)
+            return await serve(request, outcome, reject, principal)
         in_flight = request.app[IN_FLIGHT_BY_KEY]
         key = outcome.key_id
         if in_flight[key] >= cap:
@@ -97,13 +97,15 @@ def endpoint(api: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]
             return reject(429, message, "too_many_connections", headers={"retry-after": "1"})
         in_flight[key] += 1
         try:
-            return await serve(request, outcome, reject)
+            return await serve(request, outcome, reject, principal)
         finally:
             in_flight[key] -= 1
             if not in_flight[key]:
                 del in_flight[key]
 
-    async def serve(request: web.Request, outcome: Outcome, reject: Callable[..., web.Response]) -> web.StreamResponse:
+    async def serve(
+        request: web.Request, outcome: Outcome, reject: Callable[..., web.Response], principal: auth.Principal | None
+    ) -> web.StreamResponse:
         relay = request.app[RELAY]
         run = request.match_info.get("run") or request.headers.get("x-tokenrelay-run") or ""
         if len(run) > MAX_RUN_ID:
@@ -157,7 +159,6 @@ def endpoint(api: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]
             )
         stream = body.get("stream") is True and api not in ("embeddings", "count_tokens")
         outcome.stream = stream
-        principal = request.get(auth.PRINCIPAL)
         if principal is not None:
             denial = await request.app[auth.GATE].admit(principal, api, body, raw, route, outcome)
             if denial is not None:
