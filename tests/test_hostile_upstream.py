@@ -3,6 +3,7 @@ error event in the API's format, stays up, never hangs past the route's timeouts
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Iterator
@@ -106,6 +107,31 @@ async def test_control_stream_relays_byte_for_byte(relay: Daemon) -> None:
     assert status == 200 and data == good_stream()
     rec = record_for(relay, "h-ok")
     assert rec["error_class"] == "" and rec["usage"]["output"] == 3
+
+
+@pytest.mark.parametrize("mode", ["ok", "huge", "textplain", "http10"])
+async def test_http10_client_gets_the_stream_unframed(relay: Daemon, mode: str) -> None:
+    """An HTTP/1.0 client cannot take chunked framing: the upstream's framing is decoded and the events reach it
+    as the body, ended by the close."""
+    body = json.dumps({"model": f"h-{mode}", "stream": True, "stream_options": {"include_usage": True},
+                       "messages": [{"role": "user", "content": "hi"}]}).encode()  # fmt: skip
+    reader, writer = await asyncio.open_connection("127.0.0.1", int(relay.url.rsplit(":", 1)[1]))
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Authorization: Bearer agent\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body)
+    )
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), 15)  # to the close
+    writer.close()
+    head, _, data = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200") or head.startswith(b"HTTP/1.1 200"), head[:100]
+    assert b"transfer-encoding" not in head.lower()
+    if mode == "huge":
+        assert data.startswith(b"data: ") and len(data) > TEN_MB and data.endswith(b"data: [DONE]\n\n")
+    elif mode == "http10":
+        assert b"school" in data and data.endswith(b"data: [DONE]\n\n")
+    else:
+        assert data == good_stream()
 
 
 async def test_invalid_utf8_in_sse_data_is_relayed_unchanged(relay: Daemon) -> None:
