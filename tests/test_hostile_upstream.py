@@ -58,11 +58,15 @@ def hostile() -> Iterator[HostileUpstream]:
     server.stop()
 
 
+def hostile_daemon(hostile: HostileUpstream, tmp_path_factory: pytest.TempPathFactory, name: str) -> Daemon:
+    tmp: Path = tmp_path_factory.mktemp(name)
+    timeouts = "{connect = 2, first_token = 1.5, idle = 1.5, total = 3}"
+    return start_daemon(tmp, hostile_config(hostile, MODES, timeouts), env={"TEST_UPSTREAM_KEY": KEY})
+
+
 @pytest.fixture(scope="module")
 def relay(hostile: HostileUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    tmp: Path = tmp_path_factory.mktemp("hostile")
-    timeouts = "{connect = 2, first_token = 1.5, idle = 1.5, total = 3}"
-    d = start_daemon(tmp, hostile_config(hostile, MODES, timeouts), env={"TEST_UPSTREAM_KEY": KEY})
+    d = hostile_daemon(hostile, tmp_path_factory, "hostile")
     yield d
     d.stop()
 
@@ -109,10 +113,19 @@ async def test_control_stream_relays_byte_for_byte(relay: Daemon) -> None:
     assert rec["error_class"] == "" and rec["usage"]["output"] == 3
 
 
+@pytest.fixture(scope="module")
+def relay10(hostile: HostileUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """A daemon of its own for the HTTP/1.0 client tests (the other tests count one record per route)."""
+    d = hostile_daemon(hostile, tmp_path_factory, "hostile10")
+    yield d
+    d.stop()
+
+
 @pytest.mark.parametrize("mode", ["ok", "huge", "textplain", "http10"])
-async def test_http10_client_gets_the_stream_unframed(relay: Daemon, mode: str) -> None:
+async def test_http10_client_gets_the_stream_unframed(relay10: Daemon, mode: str) -> None:
     """An HTTP/1.0 client cannot take chunked framing: the upstream's framing is decoded and the events reach it
     as the body, ended by the close."""
+    relay = relay10
     body = json.dumps({"model": f"h-{mode}", "stream": True, "stream_options": {"include_usage": True},
                        "messages": [{"role": "user", "content": "hi"}]}).encode()  # fmt: skip
     reader, writer = await asyncio.open_connection("127.0.0.1", int(relay.url.rsplit(":", 1)[1]))

@@ -1,7 +1,7 @@
 """Type stubs for the Rust extension `tokenrelay._core` (one section per module)."""
 
 from collections.abc import Iterable
-from typing import ClassVar, Literal, Self, final
+from typing import Any, ClassVar, Literal, Self, final
 
 __all__: list[str]
 
@@ -284,3 +284,14 @@ class BodyDecoder:
     def done(self) -> bool: ...
     @property
     def excess(self) -> bool: ...
+
+# --- the request body (rust/src/body.rs) ---
+
+def read_body(raw: bytes) -> dict[str, Any]:
+    """The top-level fields of a request body the proxy reads: every value but arrays and values over 4 KiB
+    (messages, tools, inputs stay in the bytes). The whole body is validated (GIL released when long);
+    ValueError with a message for the client when it is not a JSON object."""
+
+def patch_body(raw: bytes, fields: list[tuple[str, bytes]]) -> bytes:
+    """`raw` with these top-level members set to these raw JSON values (replaced where present, every
+    occurrence; added at the end otherwise); every other byte as sent. ValueError if not a JSON object."""

@@ -32,6 +32,8 @@ from tokenrelay.state import BACKGROUND, RELAY, STARTED
 # pass re-walks the objects of every request in flight, so at 700 a busy daemon spent ~5-8% of its loop there.
 # Reference counting frees almost everything a request allocates; cycles wait a little longer, nothing more.
 GC_THRESHOLD_0 = 10_000
+# At shutdown, how long the ledger waits for cut requests to finish metering (a token count in a thread).
+METERING_GRACE_S = 10.0
 log = logging.getLogger("tokenrelay")
 
 
@@ -76,6 +78,7 @@ def build_app(config: Config) -> web.Application:
             task.cancel()
         await asyncio.gather(*app[BACKGROUND], return_exceptions=True)
         await gate.stop()
+        await app[RELAY].settled(METERING_GRACE_S)  # cut handlers may still be counting their tokens in a thread
         await app[RELAY].client.close()
         await ledger.aclose()  # the final flush: nothing recorded is lost on a graceful shutdown
 

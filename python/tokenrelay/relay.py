@@ -29,6 +29,7 @@ from tokenrelay._core import (
     Usage,
     decode_body,
     estimate_input_tokens,
+    patch_body,
     translate_error,
     translate_request,
     translate_response,
@@ -234,8 +235,8 @@ class Attempt:
         self.status = 0
         self.first_token_ns: int | None = None
         self.watchdog: _Watchdog | None = None
-        # The body as sent upstream (translated when the formats differ): what input is estimated from when the
-        # upstream reports no usage, since the meter reads the upstream's format.
+        # The request in the upstream's format (translated when the formats differ, else the client's bytes): what
+        # input is estimated from when the upstream reports no usage, since the meter reads the upstream's format.
         self.sent: bytes = call.raw
 
     def release(self, result: str, usage: Usage | None = None) -> None:
@@ -278,6 +279,8 @@ class Relay:
         self.loop = asyncio.get_running_loop()
         self.in_flight = 0
         self._background: set[asyncio.Future[None]] = set()  # hedge losers being counted
+        self._settled = asyncio.Event()  # set while nothing is in flight or being counted
+        self._settled.set()
         self.stopping = False  # set when a shutdown begins: handlers cancelled after that were cut by it
 
     @property
@@ -289,6 +292,17 @@ class Relay:
         """Writes what has been metered so far to the ledger (so a read right after a request sees it)."""
         if self.meter.ledger is not None:
             await self.meter.ledger.aflush()
+
+    async def settled(self, limit_s: float) -> None:
+        """Waits (up to `limit_s`) until every request in flight, and every hedge loser being counted, has been
+        metered: at shutdown, handlers cut by the grace period may still be counting tokens in a thread."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(limit_s):
+                await self._settled.wait()
+
+    def _check_settled(self, _task: object = None) -> None:
+        if not self.in_flight and not self._background:
+            self._settled.set()
 
     async def run_in_ledger(self, fn: Callable[..., T], *args: Any) -> T:
         """Runs a ledger query in a thread: SQLite is never touched on the event loop."""
@@ -326,6 +340,7 @@ class Relay:
     async def handle(self, call: Call, route: Route) -> web.StreamResponse:
         """Relays the call; meters it once however it ends (including the client going away)."""
         self.in_flight += 1
+        self._settled.clear()
         outcome = call.outcome
         try:
             return await self._serve(call, route)
@@ -340,6 +355,7 @@ class Relay:
             if settle is not None:
                 settle(outcome)
             runs.settle(self.meter, outcome)
+            self._check_settled()
 
     async def _serve(self, call: Call, route: Route) -> web.StreamResponse:
         outcome = call.outcome
@@ -461,6 +477,7 @@ class Relay:
         task = asyncio.ensure_future(self._record_counted(meter, loser.sent, record))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        task.add_done_callback(self._check_settled)
 
     async def _record_counted(self, meter: StreamMeter, sent: bytes, record: Outcome) -> None:
         try:
@@ -475,19 +492,19 @@ class Relay:
         if attempt.translated:
             return self._translated_body(attempt)
         strip_usage = False
-        changes: dict[str, Any] = {}
+        changes: list[tuple[str, bytes]] = []
         if body.get("model") != attempt.model:
-            changes["model"] = attempt.model
+            changes.append(("model", orjson.dumps(attempt.model)))
         if call.stream and call.api in ("chat", "completions") and attempt.deployment.kind == "openai":
             options = body.get("stream_options")
             if not (isinstance(options, dict) and options.get("include_usage")):
-                changes["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+                new = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+                changes.append(("stream_options", orjson.dumps(new)))
                 strip_usage = True
         if not changes:
             return call.raw, strip_usage
-        # A copy of exact size: orjson's output keeps its whole growth buffer (~4 KB for a small body), and this
-        # body is held for the stream's life (input is estimated from it when the upstream reports none).
-        return bytes(memoryview(orjson.dumps({**body, **changes}))), strip_usage
+        # Spliced into the client's bytes (Rust), not re-encoded: the messages go upstream as they came.
+        return patch_body(call.raw, changes), strip_usage
 
     @staticmethod
     def _translated_body(attempt: Attempt) -> tuple[bytes, bool]:
@@ -514,7 +531,10 @@ class Relay:
         either holds a complete answer (`final`) or a stream ready to deliver."""
         call, deployment = attempt.call, attempt.deployment
         body, strip_usage = self._upstream_body(attempt)
-        attempt.sent = body
+        # Input is estimated from the request in the upstream's format: the translated body; else the client's
+        # own bytes (the model name and stream_options patched in make no difference), so the patched copy is
+        # dropped once sent instead of living as long as the stream.
+        attempt.sent = body if attempt.translated else call.raw
         if attempt.upstream_path is None:
             self._count_locally(attempt)
             return
@@ -529,6 +549,7 @@ class Relay:
                 upstream = await self.client.send(
                     origin, head, body, stream=call.stream, connect_timeout=attempt.route.timeouts.connect
                 )
+                body = b""
             except asyncio.CancelledError:
                 if watchdog.fired is None:
                     raise
@@ -697,6 +718,11 @@ class Relay:
             return attempt.final
         meter, upstream, watchdog = attempt.meter, attempt.upstream, attempt.watchdog
         assert meter is not None and upstream is not None and watchdog is not None
+        # Committed: no other attempt will be made, so the parsed request (an agent's long context is ~4x its
+        # size as Python objects) and the client's raw body need not live as long as the stream; what the
+        # estimates need is `attempt.sent`.
+        call.body = {}
+        call.raw = b""
         headers = response_headers(upstream.headers)
         headers["x-tokenrelay-deployment"] = attempt.deployment.name
         headers["cache-control"] = "no-cache"

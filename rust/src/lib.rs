@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod balance;
+pub mod body;
 pub mod events;
 pub mod h1;
 pub mod meter;

@@ -6,12 +6,11 @@ import asyncio
 import collections
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
 
-import orjson
 from aiohttp import web
 
 from tokenrelay import auth, metering, runs
+from tokenrelay._core import read_body
 from tokenrelay.errors import error_response
 from tokenrelay.metering import Outcome
 from tokenrelay.relay import TRANSLATED, Call, client_identity
@@ -131,11 +130,9 @@ def endpoint(api: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]
             limit = relay.config.max_body_bytes
             return reject(413, f"the request body is larger than the limit of {limit} bytes", "request_too_large")
         try:
-            body: Any = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            return reject(400, f"the request body is not valid JSON: {exc}", "invalid_json")
-        if not isinstance(body, dict):
-            return reject(400, "the request body must be a JSON object", "invalid_json")
+            body = read_body(raw)  # validated whole; only the top-level fields the proxy reads are built
+        except ValueError as exc:
+            return reject(400, str(exc), "invalid_json")
         model = body.get("model")
         if not isinstance(model, str) or not model:
             return reject(400, "you must provide a model parameter (the route name)", "missing_model", "model")

@@ -3,6 +3,7 @@
 use pyo3::prelude::*;
 
 mod balance;
+mod body;
 mod h1;
 mod meter;
 mod stream;
@@ -37,5 +38,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     meter::register(m)?;
     translate::register(m)?;
     h1::register(m)?;
+    body::register(m)?;
     Ok(())
 }
