@@ -242,6 +242,7 @@ class Response:
         if self._ended:
             return
         self._ended = True
+        self.sink = _ignore  # the sinks are bound methods and closures of self: no cycle left for the GC
         conn = self.conn
         if conn.response is self:
             conn.response = None
@@ -256,6 +257,7 @@ class Response:
             return
         self._error = error
         self._ended = True
+        self.sink = _ignore
         conn = self.conn
         if conn.response is self:
             conn.response = None
@@ -534,6 +536,10 @@ def _inflate_all(data: bytes, encoding: str) -> bytes:
         except zlib.error:
             return zlib.decompress(data, -15)  # raw deflate, as some servers send it
     raise ValueError("unsupported content-encoding")
+
+
+def _ignore(data: bytes) -> None:
+    """The sink of a response that has ended (its connection no longer feeds it)."""
 
 
 _TIMED_OUT = object()
