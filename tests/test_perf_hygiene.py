@@ -38,8 +38,8 @@ def _live(kind: type) -> int:
     return sum(1 for o in gc.get_objects() if type(o) is kind)
 
 
-async def test_finished_non_streaming_requests_leave_no_watchdog_alive(tmp_path: Path) -> None:
-    upstream = await _upstream()
+async def _relay_client(tmp_path: Path, upstream: TestServer) -> TestClient[web.Request, web.Application]:
+    """The daemon's app in process, with one route `r` to `upstream`."""
     config = parse_config(
         {
             "log_level": "warning",
@@ -51,6 +51,12 @@ async def test_finished_non_streaming_requests_leave_no_watchdog_alive(tmp_path:
     )
     client = TestClient(TestServer(build_app(config)))
     await client.start_server()
+    return client
+
+
+async def test_finished_non_streaming_requests_leave_no_watchdog_alive(tmp_path: Path) -> None:
+    upstream = await _upstream()
+    client = await _relay_client(tmp_path, upstream)
     try:
         before = _live(relay._Watchdog)
         for _ in range(20):
@@ -89,17 +95,7 @@ async def test_finished_streams_are_freed_without_the_cyclic_gc(tmp_path: Path) 
     freed by reference counting alone. A cycle through its read callbacks once left every stream's objects to the
     cyclic GC, whose passes then took up to ~10 ms with the loop stopped."""
     upstream = await _stream_upstream()
-    config = parse_config(
-        {
-            "log_level": "warning",
-            "db": str(tmp_path / "u.db"),
-            "routes": {
-                "r": {"deployments": [{"kind": "openai", "base_url": str(upstream.make_url("/v1")), "model": "m"}]}
-            },
-        }
-    )
-    client = TestClient(TestServer(build_app(config)))
-    await client.start_server()
+    client = await _relay_client(tmp_path, upstream)
     gc.collect()
     gc.disable()
     try:
