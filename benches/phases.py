@@ -1,0 +1,106 @@
+"""Where a stream's time to first token goes inside the daemon, and how long the cyclic GC stops the loop.
+
+Runs `tokenrelay serve ARGS...` in this process with timestamps at the steps of a streamed request (request bytes
+in, upstream request sent, upstream head in, the hold, the commit, the response head, the first write) and a
+`gc.callbacks` timer; at exit (SIGTERM or Ctrl-C) prints each step's p50/p90 and the GC passes. A developer's
+tool: it wraps private functions, so it follows the code, not an API. Use with any load, e.g.
+
+    python benches/phases.py serve --listen 127.0.0.1:18005 --config bench.toml &
+    python benches/loadgen.py --port 18005 --mode stream --streams 128 --pace-ms 20 ...; kill %1
+"""
+
+from __future__ import annotations
+
+import atexit
+import gc
+import inspect
+import itertools
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web, web_protocol
+from tokenrelay import h1client, relay
+
+STEPS = ["request in", "upstream sent", "upstream head", "hold", "first token", "commit", "prepare", "first write"]
+marks: list[tuple[str, int]] = []
+gc_passes: dict[int, list[float]] = {0: [], 1: [], 2: []}
+_gc_start = [0.0]
+
+
+def _mark(cls: Any, name: str, step: str) -> None:
+    original: Callable[..., Any] = getattr(cls, name)
+    if name.startswith("_first_token"):  # a staticmethod
+
+        def plain(*args: Any) -> Any:
+            marks.append((step, time.perf_counter_ns()))
+            return original(*args)
+
+        setattr(cls, name, staticmethod(plain))
+        return
+
+    async def wrapped(*args: Any, **kwargs: Any) -> Any:
+        marks.append((step, time.perf_counter_ns()))
+        return await original(*args, **kwargs)
+
+    def wrapped_sync(*args: Any, **kwargs: Any) -> Any:
+        marks.append((step, time.perf_counter_ns()))
+        return original(*args, **kwargs)
+
+    setattr(cls, name, wrapped if inspect.iscoroutinefunction(original) else wrapped_sync)
+
+
+def _on_gc(phase: str, info: dict[str, Any]) -> None:
+    if phase == "start":
+        _gc_start[0] = time.perf_counter()
+    else:
+        gc_passes[info["generation"]].append((time.perf_counter() - _gc_start[0]) * 1e3)
+
+
+def _report() -> None:
+    rows: list[dict[str, int]] = []
+    current: dict[str, int] = {}
+    for step, t in marks:
+        if step == "request in":
+            if current:
+                rows.append(current)
+            current = {step: t}
+        elif step not in current:
+            current[step] = t
+    rows.append(current)
+    complete = [r for r in rows if all(s in r for s in STEPS)][5:]  # the first few warm the caches
+    out = sys.stderr
+    print(f"{len(complete)} streamed requests with every step", file=out)
+    for a, b in itertools.pairwise(STEPS):
+        d = sorted((r[b] - r[a]) / 1000 for r in complete)
+        if d:
+            print(f"  {a:>14} -> {b:<14} p50 {d[len(d) // 2]:8.1f} us   p90 {d[int(len(d) * 0.9)]:8.1f} us", file=out)
+    for generation, passes in gc_passes.items():
+        if passes:
+            passes.sort()
+            print(
+                f"  gc gen{generation}: {len(passes)} passes, p50 {passes[len(passes) // 2]:.2f} ms, "
+                f"max {passes[-1]:.2f} ms, total {sum(passes):.1f} ms",
+                file=out,
+            )
+
+
+def main() -> int:
+    _mark(web_protocol.RequestHandler, "data_received", "request in")
+    _mark(h1client.Client, "send", "upstream sent")
+    _mark(h1client.Response, "_head", "upstream head")
+    _mark(relay.Relay, "_open_stream", "hold")
+    _mark(relay.Relay, "_first_token", "first token")
+    _mark(relay.Relay, "_deliver", "commit")
+    _mark(web.StreamResponse, "prepare", "prepare")
+    _mark(relay._StreamHead, "write", "first write")
+    gc.callbacks.append(_on_gc)
+    atexit.register(_report)
+    from tokenrelay.cli import main as cli
+
+    return cli(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
