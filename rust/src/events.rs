@@ -22,9 +22,11 @@
 //! Anthropic's `message_start` `output_tokens` is a placeholder and never taken as reported: only a
 //! `message_delta` (or a final body) reports output.
 
+mod framed;
 mod stream;
 mod wire;
 
+pub use framed::Framed;
 pub use stream::{StreamError, StreamMeter};
 
 use crate::api::Api;

@@ -4,11 +4,8 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
-use std::ops::Range;
-
 use crate::api::Api;
-use crate::events::{self, StreamMeter, Usage};
-use crate::h1::{write_chunk, BodyDecoder, Framing};
+use crate::events::{self, Framed, StreamMeter, Usage};
 use crate::translate::unix_now;
 
 fn parse_api(name: &str, allow_embeddings: bool) -> PyResult<Api> {
@@ -112,12 +109,7 @@ pub struct PyStreamMeter {
     core: StreamMeter,
     first_token_ns: Option<u64>,
     /// The upstream body's framing, once `frame()` was called: `feed_wire` takes wire bytes.
-    wire: Option<BodyDecoder>,
-    /// `feed_wire` output is chunked framing for the client (else the bare payload).
-    client_chunked: bool,
-    wire_excess: bool,
-    /// Scratch: the payload ranges of the current `feed_wire` input.
-    ranges: Vec<Range<usize>>,
+    wire: Option<Framed>,
 }
 
 impl PyStreamMeter {
@@ -159,9 +151,6 @@ impl PyStreamMeter {
             core,
             first_token_ns: None,
             wire: None,
-            client_chunked: false,
-            wire_excess: false,
-            ranges: Vec::new(),
         })
     }
 
@@ -169,18 +158,24 @@ impl PyStreamMeter {
     /// `length`, "close").
     #[pyo3(signature = (framing, length = 0))]
     fn frame(&mut self, framing: &str, length: u64) -> PyResult<()> {
-        self.wire = Some(BodyDecoder::new(super::h1::framing_arg(framing, length)?));
+        self.wire = Some(Framed::new(super::h1::framing_arg(framing, length)?));
         Ok(())
     }
 
     /// Whether `feed_wire` returns chunked framing for the client (set once the client's response is chunked).
     #[getter]
     fn client_chunked(&self) -> bool {
-        self.client_chunked
+        self.wire.as_ref().is_some_and(Framed::client_chunked)
     }
     #[setter]
-    fn set_client_chunked(&mut self, value: bool) {
-        self.client_chunked = value;
+    fn set_client_chunked(&mut self, value: bool) -> PyResult<()> {
+        match self.wire.as_mut() {
+            Some(wire) => {
+                wire.set_client_chunked(value);
+                Ok(())
+            }
+            None => Err(PyValueError::new_err("client_chunked before frame()")),
+        }
     }
 
     /// Feeds one upstream read (wire bytes: body framing included). `None`: write `data` to the client as it is
@@ -191,73 +186,20 @@ impl PyStreamMeter {
         py: Python<'py>,
         data: &[u8],
     ) -> PyResult<Option<Bound<'py, PyBytes>>> {
-        let Some(dec) = self.wire.as_mut() else {
+        let Some(wire) = self.wire.as_mut() else {
             return Err(PyValueError::new_err("feed_wire() before frame()"));
         };
-        let ranges = &mut self.ranges;
-        ranges.clear();
-        let taken = dec
-            .decode(data, |r| ranges.push(r))
+        let out = wire
+            .feed(&mut self.core, data)
             .map_err(super::h1::h1_error)?;
-        let whole = taken == data.len();
-        self.wire_excess |= !whole;
-        let as_is = whole
-            && if self.client_chunked {
-                dec.clean()
-            } else {
-                dec.framing() != Framing::Chunked
-            };
-        // Feed the payload to the meter; collect the output only once something differs from the input.
-        let mut edited: Option<Vec<u8>> = None;
-        for (k, r) in self.ranges.iter().enumerate() {
-            let piece = &data[r.clone()];
-            match (self.core.feed(piece), edited.as_mut()) {
-                (None, None) => {}
-                (None, Some(out)) => out.extend_from_slice(piece),
-                (Some(new), out) => {
-                    let out = match out {
-                        Some(out) => out,
-                        None => {
-                            let mut out = Vec::with_capacity(new.len() + piece.len());
-                            for prev in &self.ranges[..k] {
-                                out.extend_from_slice(&data[prev.clone()]);
-                            }
-                            edited.insert(out)
-                        }
-                    };
-                    out.extend_from_slice(&new);
-                }
-            }
-        }
         self.stamp_first_token(py)?;
-        if edited.is_none() && as_is {
-            return Ok(None);
-        }
-        let payload_len = match &edited {
-            Some(out) => out.len(),
-            None => self.ranges.iter().map(|r| r.len()).sum(),
-        };
-        let write_payload = |out: &mut Vec<u8>| match &edited {
-            Some(e) => out.extend_from_slice(e),
-            None => {
-                for r in &self.ranges {
-                    out.extend_from_slice(&data[r.clone()]);
-                }
-            }
-        };
-        let mut out = Vec::new();
-        if self.client_chunked {
-            write_chunk(&mut out, payload_len, write_payload);
-        } else {
-            write_payload(&mut out);
-        }
-        Ok(Some(PyBytes::new(py, &out)))
+        Ok(out.map(|b| PyBytes::new(py, &b)))
     }
 
     /// The upstream connection closed: completes a body read to the close; ValueError if the body is incomplete.
     fn wire_close(&mut self) -> PyResult<()> {
         match self.wire.as_mut() {
-            Some(dec) => dec.finish_on_close().map_err(super::h1::h1_error),
+            Some(wire) => wire.close().map_err(super::h1::h1_error),
             None => Ok(()),
         }
     }
@@ -265,13 +207,13 @@ impl PyStreamMeter {
     /// The upstream body has been read to its end.
     #[getter]
     fn wire_done(&self) -> bool {
-        self.wire.as_ref().is_some_and(BodyDecoder::done)
+        self.wire.as_ref().is_some_and(Framed::done)
     }
 
     /// Bytes came after the body's end (the connection cannot be reused).
     #[getter]
     fn wire_excess(&self) -> bool {
-        self.wire_excess
+        self.wire.as_ref().is_some_and(Framed::excess)
     }
 
     /// `None`: forward `chunk` unchanged; else the bytes to forward instead.
