@@ -79,9 +79,7 @@ async def test_keep_alive_connection_is_reused() -> None:
     async with server(handler) as (url, connections):
         client = Client(asyncio.get_running_loop())
         for i in range(3):
-            resp = await client.request(
-                "POST", url, "/echo", {"x-n": str(i)}, b'{"n": %d}' % i, stream=False, connect_timeout=5
-            )
+            resp = await client.request("POST", url, "/echo", {"x-n": str(i)}, b'{"n": %d}' % i, connect_timeout=5)
             assert resp.status == 200
             assert await resp.read() == b'{"n": %d}' % i
             resp.release()
@@ -96,7 +94,7 @@ async def test_connection_closed_while_idle_is_retried_on_a_new_one() -> None:
     async with server(answer_once(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")) as (url, connections):
         client = Client(asyncio.get_running_loop())
         for _ in range(2):
-            resp = await client.request("POST", url, "/x", {}, b"{}", stream=False, connect_timeout=5)
+            resp = await client.request("POST", url, "/x", {}, b"{}", connect_timeout=5)
             assert await resp.read() == b"ok"
             await asyncio.sleep(0.05)  # the close reaches the idle connection
         await client.close()
@@ -119,7 +117,7 @@ async def test_stale_connection_that_dies_on_use_is_retried() -> None:
     async with server(handler) as (url, connections):
         client = Client(asyncio.get_running_loop())
         for _ in range(2):
-            resp = await client.request("POST", url, "/x", {}, b"{}", stream=False, connect_timeout=5)
+            resp = await client.request("POST", url, "/x", {}, b"{}", connect_timeout=5)
             assert await resp.read() == b"ok"
         await client.close()
     assert connections[0] == 2
@@ -140,20 +138,38 @@ async def test_connection_close_and_http10_are_not_reused() -> None:
     async with server(handler) as (url, connections):
         client = Client(asyncio.get_running_loop())
         for expected in (b"a", b"b"):
-            resp = await client.request("POST", url, "/x", {}, b"{}", stream=False, connect_timeout=5)
+            resp = await client.request("POST", url, "/x", {}, b"{}", connect_timeout=5)
             assert await resp.read() == expected
         await client.close()
     assert connections[0] == 2
+
+
+async def test_a_body_read_to_the_close_that_closed_before_it_was_read() -> None:
+    """HTTP/1.0 without a length: the body ends with the connection, which may close before the caller reads
+    the body (head, body and FIN in one go). That is a complete body, whole or streamed."""
+    answer = b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n" + b'data: {"x": 1}\n\n'
+    async with server(answer_once(answer)) as (url, _):
+        client = Client(asyncio.get_running_loop())
+        resp = await client.request("POST", url, "/x", {}, b"{}", connect_timeout=5)
+        await asyncio.sleep(0.05)  # the close arrives first
+        assert await resp.read() == b'data: {"x": 1}\n\n'
+        resp = await client.request("POST", url, "/x", {}, b"{}", connect_timeout=5)
+        await asyncio.sleep(0.05)
+        meter = StreamMeter("chat")
+        resp.start_stream(meter)
+        assert resp.take() == b'data: {"x": 1}\n\n'
+        assert resp.ended and meter.wire_done and meter.events == 1
+        await client.close()
 
 
 async def test_garbage_and_early_close_are_upstream_errors() -> None:
     async with server(answer_once(b"SSH-2.0-OpenSSH\r\n\r\n")) as (url, _):
         client = Client(asyncio.get_running_loop())
         with pytest.raises(UpstreamError, match="malformed response"):
-            await client.request("POST", url, "/x", {}, b"{}", stream=False, connect_timeout=5)
+            await client.request("POST", url, "/x", {}, b"{}", connect_timeout=5)
 
     async with server(answer_once(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort")) as (url, _):
-        resp = await client.request("POST", url, "/x", {}, b"{}", stream=False, connect_timeout=5)
+        resp = await client.request("POST", url, "/x", {}, b"{}", connect_timeout=5)
         with pytest.raises(UpstreamError, match="before the body was complete"):
             await resp.read()
         await client.close()
@@ -164,15 +180,14 @@ async def test_unreachable_is_a_connect_error() -> None:
         pass  # closed: nothing listens on that port any more
     client = Client(asyncio.get_running_loop())
     with pytest.raises(ConnectError):
-        await client.request("POST", url, "/x", {}, b"{}", stream=False, connect_timeout=5)
+        await client.request("POST", url, "/x", {}, b"{}", connect_timeout=5)
 
 
 async def test_header_line_breaks_are_refused() -> None:
     client = Client(asyncio.get_running_loop())
     for value in ("a\r\nx-injected: 1", "a\nb", "a\rb"):
         with pytest.raises(UpstreamError, match="line break"):
-            await client.request("POST", "http://127.0.0.1:9/v1", "/x", {"x": value}, b"", stream=False,
-                                 connect_timeout=1)  # fmt: skip
+            await client.request("POST", "http://127.0.0.1:9/v1", "/x", {"x": value}, b"", connect_timeout=1)
 
 
 async def test_gzip_answer_is_inflated() -> None:
@@ -190,7 +205,7 @@ async def test_gzip_answer_is_inflated() -> None:
 
     async with server(handler) as (url, _):
         client = Client(asyncio.get_running_loop())
-        resp = await client.request("POST", url, "/x", {}, b"{}", stream=False, connect_timeout=5)
+        resp = await client.request("POST", url, "/x", {}, b"{}", connect_timeout=5)
         assert await resp.read() == payload
         await client.close()
 

@@ -148,7 +148,7 @@ class _Conn(asyncio.Protocol):
 
 
 class Response:
-    """One upstream response: the head once `Client.request` returns, then the body in one of three ways."""
+    """One upstream response: the head once `Client.send` returns, then the body, read whole or as a stream."""
 
     __slots__ = (
         "_ended",
@@ -172,19 +172,15 @@ class Response:
         "received",
         "sink",
         "status",
-        "stream",
         "time",
-        "version",
     )
 
-    def __init__(self, client: Client, conn: _Conn, stream: bool) -> None:
+    def __init__(self, client: Client, conn: _Conn) -> None:
         self.client = client
         self.conn = conn
-        self.stream = stream
         self.loop = client.loop
         self.time = client.loop.time
         self.status = 0
-        self.version = (1, 1)
         self.headers: CIMultiDictProxy[str] = _EMPTY_HEADERS
         self.framing = "close"
         self.length = 0
@@ -218,8 +214,7 @@ class Response:
             self.head_buf = buf
             return
         self.head_buf = b""
-        self.status, _reason, minor, fields, size, self.framing, self.length, self.keep_alive = head
-        self.version = (1, minor)
+        self.status, _reason, _minor, fields, size, self.framing, self.length, self.keep_alive = head
         headers: CIMultiDict[str] = CIMultiDict(fields)
         self.headers = CIMultiDictProxy(headers)
         self.sink = self._early
@@ -314,7 +309,7 @@ class Response:
             self._waiter = None
             if timer is not None:
                 timer.cancel()
-        return not (timer is not None and waiter.result() is _TIMED_OUT)
+        return waiter.result() is not _TIMED_OUT
 
     # --- ways to read the body ---------------------------------------------------------------------------------
 
@@ -342,10 +337,7 @@ class Response:
         """The whole body, decoded (framing, gzip/deflate). Raises UpstreamError."""
         body = self.body = BodyDecoder(self.framing, self.length)
         chunks: list[bytes] = []
-        pending, self._pending = self._pending, []
-        self.sink = self._collect_into(chunks)
-        for data in pending:
-            self.sink(data)
+        self._replay(self._collect_into(chunks), body.close)
         while not self._ended:
             await self._wait(None)
         if self._error is not None:
@@ -379,7 +371,8 @@ class Response:
         return collect
 
     def start_stream(self, meter: StreamMeter) -> None:
-        """Reads the body as a stream through `meter` (which decodes its framing): `next()`, then `pump()`."""
+        """Reads the body as a stream through `meter` (which decodes its framing): `wait()` and `take()`, then
+        `pump()`."""
         encoding = self.headers.get("content-encoding", "").strip().lower()
         feed: _WireFeed
         if encoding and encoding != "identity":
@@ -389,12 +382,24 @@ class Response:
             feed = meter
         feed.client_chunked = False
         self._feed = feed
+        self._replay(self._pull, feed.wire_close)
+
+    def _replay(self, sink: Callable[[bytes], None], close: Callable[[], None]) -> None:
+        """Reads the body through `sink` from now on, starting with the bytes that came before the caller chose
+        how to read them. If the connection had already closed, the decoder is finished as `on_lost` would have
+        finished it (a body read to the close is complete then)."""
         pending, self._pending = self._pending, []
-        self.sink = self._pull
+        ended = self._ended
+        self.sink = sink
         for data in pending:
-            self._pull(data)
-        if self.framing == "empty" or (self.framing == "length" and self.length == 0):
-            self._end()
+            sink(data)
+        if ended:
+            self.sink = _ignore
+            if self._error is None:
+                try:
+                    close()
+                except ValueError as exc:
+                    self._error = UpstreamError(str(exc))
 
     def _pull(self, data: bytes) -> None:
         self.last_read = self.time()
@@ -570,7 +575,6 @@ class Client:
         headers: Mapping[str, str],
         body: bytes,
         *,
-        stream: bool,
         connect_timeout: float,
     ) -> Response:
         """Sends the request and waits for the response head (see `send`)."""
@@ -579,7 +583,6 @@ class Client:
             origin,
             request_head(method, origin, path, headers),
             body,
-            stream=stream,
             connect_timeout=connect_timeout,
             sized=bool(body) or method == "POST",
         )
@@ -590,7 +593,6 @@ class Client:
         head: bytes,
         body: bytes,
         *,
-        stream: bool,
         connect_timeout: float,
         sized: bool = True,
     ) -> Response:
@@ -603,7 +605,7 @@ class Client:
             conn, reused = self._idle_conn(origin.key)
             if conn is None:
                 conn = await self._connect(origin, connect_timeout)
-            response = Response(self, conn, stream)
+            response = Response(self, conn)
             conn.response = response
             transport = conn.transport
             assert transport is not None

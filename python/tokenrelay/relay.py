@@ -546,9 +546,7 @@ class Relay:
         try:
             try:
                 origin, head = upstream_request(deployment, attempt.upstream_path, call.request.headers, call.stream)
-                upstream = await self.client.send(
-                    origin, head, body, stream=call.stream, connect_timeout=attempt.route.timeouts.connect
-                )
+                upstream = await self.client.send(origin, head, body, connect_timeout=attempt.route.timeouts.connect)
                 body = b""
             except asyncio.CancelledError:
                 if watchdog.fired is None:
@@ -718,10 +716,8 @@ class Relay:
             return attempt.final
         meter, upstream, watchdog = attempt.meter, attempt.upstream, attempt.watchdog
         assert meter is not None and upstream is not None and watchdog is not None
-        # Committed: no other attempt will be made, so the parsed request (an agent's long context is ~4x its
-        # size as Python objects) and the client's raw body need not live as long as the stream; what the
-        # estimates need is `attempt.sent`.
-        call.body = {}
+        # Committed: no other attempt will be made, so the client's bytes need not live as long as the stream when
+        # the upstream got a translation (the estimates read `attempt.sent`, which is them otherwise).
         call.raw = b""
         headers = response_headers(upstream.headers)
         headers["x-tokenrelay-deployment"] = attempt.deployment.name

@@ -152,9 +152,7 @@ async def health_check_loop(pool: RoutePool, client: Client) -> None:
         while True:
             try:
                 async with asyncio.timeout(5):
-                    resp = await client.request(
-                        "GET", deployment.base_url, path, headers, b"", stream=False, connect_timeout=5
-                    )
+                    resp = await client.request("GET", deployment.base_url, path, headers, b"", connect_timeout=5)
                     try:
                         await resp.read()
                     finally:
