@@ -1,4 +1,4 @@
-"""Talking to upstreams: one shared HTTP client, and the request each provider kind expects."""
+"""Talking to upstreams: the request head each provider kind expects, and the response headers a client sees."""
 
 from __future__ import annotations
 
@@ -38,8 +38,8 @@ _HOP_BY_HOP = frozenset(
 )
 
 
-def upstream_headers(deployment: Deployment, client: Mapping[str, str], stream: bool) -> dict[str, str]:
-    """Request headers for the upstream: the deployment's credentials, never the client's."""
+def _deployment_headers(deployment: Deployment, stream: bool, anthropic_version: str | None) -> dict[str, str]:
+    """The request headers that depend on the deployment alone: its credentials, never the client's."""
     headers = {
         "content-type": "application/json",
         "accept": "text/event-stream" if stream else "application/json",
@@ -48,15 +48,11 @@ def upstream_headers(deployment: Deployment, client: Mapping[str, str], stream: 
         "user-agent": USER_AGENT,
     }
     if deployment.kind == "anthropic":
-        headers["anthropic-version"] = client.get("anthropic-version") or deployment.anthropic_version
+        headers["anthropic-version"] = anthropic_version or deployment.anthropic_version
         if deployment.api_key:
             headers["x-api-key"] = deployment.api_key
     elif deployment.api_key:
         headers["authorization"] = f"Bearer {deployment.api_key}"
-    for name in FORWARDED_CLIENT_HEADERS:
-        value = client.get(name)
-        if value is not None:
-            headers[name] = value
     headers.update(deployment.headers)
     return headers
 
@@ -68,22 +64,24 @@ _HEADS: dict[tuple[int, str, bool, str | None], tuple[Deployment, Origin, bytes]
 def upstream_request(
     deployment: Deployment, path: str, client: Mapping[str, str], stream: bool
 ) -> tuple[Origin, bytes]:
-    """Where a request goes and its head (`h1client.request_head`): the part that depends on the deployment
-    alone is cached; the client headers a provider needs to see are added to it."""
+    """Where a request goes and its head (`h1client.request_head`): always the configured base URL plus a fixed
+    API path, so nothing in a request can change where tokenrelay connects. The part that depends on the
+    deployment alone is built once and cached; the client headers a provider needs to see (unless the deployment
+    sets them itself) are added to it."""
     version = client.get("anthropic-version") if deployment.kind == "anthropic" else None
     key = (id(deployment), path, stream, version)
     cached = _HEADS.get(key)
     if cached is None or cached[0] is not deployment:
         if len(_HEADS) > 4096:  # versions come from clients: keep the cache bounded
             _HEADS.clear()
-        static = upstream_headers(deployment, {"anthropic-version": version} if version else {}, stream)
+        static = _deployment_headers(deployment, stream, version)
         origin = origin_of(deployment.base_url)
         cached = _HEADS[key] = (deployment, origin, request_head("POST", origin, path, static))
     _, origin, head = cached
     extra = {}
     for name in FORWARDED_CLIENT_HEADERS:
         value = client.get(name)
-        if value is not None and name not in deployment.headers:
+        if value is not None and not any(k.lower() == name for k in deployment.headers):
             extra[name] = value
     if extra:
         head += header_lines(extra)
