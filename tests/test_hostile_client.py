@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -236,3 +237,33 @@ def test_limit_keys_are_validated_with_their_key_path() -> None:
         "max_connections_per_key: must be greater than 0",
         "write_timeout_s: expected a number, got str 'x'",
     ]
+
+
+async def test_a_connection_burst_while_the_daemon_is_busy_is_queued_not_dropped(relay: Daemon) -> None:
+    """A fleet connecting at once (hundreds of SDK clients starting) while the loop is busy: the kernel queues the
+    connections until the daemon accepts them. A short listen queue drops the SYNs past it, and the client only
+    retries a second later (a one-second first token); aiohttp's default queue is 128."""
+    burst = 600
+    relay.proc.send_signal(signal.SIGSTOP)  # the busiest a loop can be: it accepts nothing
+    writers: list[asyncio.StreamWriter] = []
+    try:
+        started = time.monotonic()
+        opened = await asyncio.gather(
+            *(asyncio.wait_for(asyncio.open_connection("127.0.0.1", port(relay)), 0.9) for _ in range(burst)),
+            return_exceptions=True,
+        )
+        connect_s = time.monotonic() - started
+        failed = [o for o in opened if isinstance(o, BaseException)]
+        writers = [w for o in opened if not isinstance(o, BaseException) for w in (o[1],)]
+        assert not failed, f"{len(failed)} of {burst} connections not queued within 0.9 s ({connect_s:.2f} s)"
+        for w in writers:
+            w.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    finally:
+        relay.proc.send_signal(signal.SIGCONT)
+    try:
+        readers = [r for o in opened if not isinstance(o, BaseException) for r in (o[0],)]
+        heads = await asyncio.wait_for(asyncio.gather(*(r.readuntil(b"\r\n\r\n") for r in readers)), 20)
+        assert all(h.startswith(b"HTTP/1.1 200") for h in heads)
+    finally:
+        for w in writers:
+            w.close()

@@ -94,6 +94,12 @@ def build_app(config: Config) -> web.Application:
     return app
 
 
+# Connections the kernel queues before the loop accepts them. An agent fleet connects in bursts (hundreds of
+# clients at start-up, each opening its pool); past the queue, a SYN is dropped and retried a second later, which
+# the client sees as a one-second first token. Capped by net.core.somaxconn.
+LISTEN_BACKLOG = 4096
+
+
 def bind_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
     """A listening socket, bound before the app is built so the mock routes know the real port."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -102,7 +108,7 @@ def bind_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
     if reuse_port:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
-    sock.listen(4096)
+    sock.listen(LISTEN_BACKLOG)
     sock.setblocking(False)
     return sock
 
@@ -122,7 +128,8 @@ async def serve(config: Config, sock: socket.socket | None = None, ready_fd: int
         shutdown_timeout=config.shutdown_grace_s,
     )
     await runner.setup()
-    site = web.SockSite(runner, sock, shutdown_timeout=config.shutdown_grace_s)
+    # (the site listens again: without `backlog` it would shrink the queue to aiohttp's default of 128)
+    site = web.SockSite(runner, sock, shutdown_timeout=config.shutdown_grace_s, backlog=LISTEN_BACKLOG)
     await site.start()
     # Everything built so far (modules, config, app) lives as long as the process: out of the GC's sight.
     gc.collect()
