@@ -171,6 +171,7 @@ def start_daemon(
     env: dict[str, str] | None = None,
     listen: str = "127.0.0.1:0",
     name: str = "daemon",
+    preexec: Callable[[], None] | None = None,
 ) -> Daemon:
     config_path = None
     cmd = [sys.executable, "-m", "tokenrelay", "serve", "--listen", listen]
@@ -183,7 +184,9 @@ def start_daemon(
     log_path = tmp_path / f"{name}.log"
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     with open(log_path, "w") as log_file:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_file, text=True, env=full_env)
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=log_file, text=True, env=full_env, preexec_fn=preexec
+        )
     try:
         line = _wait_line(proc, "tokenrelay listening on")
     except Exception:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import resource
 import signal
 import socket
 import time
@@ -267,3 +268,31 @@ async def test_a_connection_burst_while_the_daemon_is_busy_is_queued_not_dropped
     finally:
         for w in writers:
             w.close()
+
+
+def test_the_open_file_limit_is_raised_to_the_hard_limit(tmp_path: Path) -> None:
+    """Started under a soft limit of 256 open files (1024 is common), the daemon still serves 400 connections
+    at once: it raises its soft limit to the hard one, as each stream holds two sockets."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard < 1024:
+        pytest.skip(f"the hard open-file limit here is {hard}")
+    d = start_daemon(tmp_path, preexec=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)))
+
+    async def burst(n: int) -> list[bytes]:
+        opened = [await asyncio.open_connection("127.0.0.1", port(d)) for _ in range(n)]
+        try:
+            for _, w in opened:
+                w.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            return await asyncio.wait_for(asyncio.gather(*(r.readuntil(b"\r\n\r\n") for r, _ in opened)), 10)
+        finally:
+            for _, w in opened:
+                w.close()
+
+    try:
+        heads = asyncio.run(burst(400))
+        assert all(h.startswith(b"HTTP/1.1 200") for h in heads)
+        limits = Path(f"/proc/{d.proc.pid}/limits").read_text()
+        soft = next(line.split()[3] for line in limits.splitlines() if line.startswith("Max open files"))
+        assert soft == str(hard) if hard != resource.RLIM_INFINITY else soft != "256"
+    finally:
+        d.stop()

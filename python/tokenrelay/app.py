@@ -6,6 +6,7 @@ import asyncio
 import gc
 import logging
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -158,12 +159,27 @@ async def serve(config: Config, sock: socket.socket | None = None, ready_fd: int
     await runner.cleanup()
 
 
+def raise_fd_limit() -> None:
+    """Raises the soft limit of open files to the hard one. Each stream holds two sockets, and idle keep-alive
+    connections stay open: the usual soft limit of 1024 would refuse connections (EMFILE) at a few hundred
+    streams. (Go's runtime does the same at start-up; nginx has `worker_rlimit_nofile`.)"""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):  # e.g. past the kernel's nr_open: keep what we have
+            log.warning("could not raise the open-file limit from %d to %d", soft, hard)
+
+
 def run(config: Config) -> int:
     """Runs the daemon in this process (one worker) or supervises `config.workers` worker processes."""
     problem = auth.startup_problem(config)
     if problem is not None:
         print(f"tokenrelay: {problem}", file=sys.stderr)
         return 2
+    raise_fd_limit()  # (workers inherit it)
     if config.workers <= 1 or os.environ.get("TOKENRELAY_WORKER") == "1":
         _run_loop(serve(config))
         return 0
