@@ -291,7 +291,7 @@ http {{
     keepalive_requests 1000000;
     client_body_temp_path {d}/tmp/body;
     proxy_temp_path {d}/tmp/proxy;
-    upstream mock {{ server 127.0.0.1:{mock_port}; keepalive 256; keepalive_requests 1000000; }}
+    upstream mock {{ server 127.0.0.1:{mock_port}; keepalive 1024; keepalive_requests 1000000; }}
     server {{
         listen 127.0.0.1:{port} reuseport backlog=8192;
         location / {{
@@ -498,13 +498,16 @@ class Bench:
     def paced(
         self, t: str, run: Running, rnd: int, level: int, path: str = "", scenario: str = "paced", requests: int = 2
     ) -> dict[str, Any]:
-        self.mock(tokens=64, delay_ms=20.0, first_token_ms=0.0)
         anthropic = scenario == "anthropic"
+        path = path or ("/v1/messages" if anthropic else "/v1/chat/completions")
+        body = ANTHROPIC_BODY if anthropic else OPENAI_BODY
+        self.steady(run, level, path, body)
+        self.mock(tokens=64, delay_ms=20.0, first_token_ms=0.0)
         res = self.loadgen(
             run,
             f"{scenario}-{level}-{t}-r{rnd}",
-            path=path or ("/v1/messages" if anthropic else "/v1/chat/completions"),
-            body=ANTHROPIC_BODY if anthropic else OPENAI_BODY,
+            path=path,
+            body=body,
             extra=[
                 # Starts spread over one stream's life (~1.3 s) and `requests` answers per connection: the
                 # arrival rate of a steady load of `level` concurrent streams, not a single burst.
@@ -525,6 +528,26 @@ class Bench:
         )
         self.record(t, scenario, level, rnd, res)
         return res
+
+    def steady(self, run: Running, level: int, path: str, body: dict[str, Any]) -> None:
+        """Brings the target to the state a steady load of `level` concurrent streams keeps it in (unmeasured):
+        `level` short streams at once, so a proxy holds as many upstream connections as that load needs, as a
+        long-running proxy does. Without it a level's first answers also paid for opening the proxy's upstream
+        connections, and the mock for accepting them while it streamed (the direct run pays neither)."""
+        self.mock(tokens=2, delay_ms=0.0, first_token_ms=1500.0)  # (held long enough that all `level` overlap)
+        self.unmeasured(run, f"steady-{level}", path, body, level, 1)
+
+    def unmeasured(self, run: Running, tag: str, path: str, body: dict[str, Any], streams: int, requests: int) -> None:
+        """A load whose figures are not kept (warm-ups); a failure here shows in the measurement after it."""
+        with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
+            self.loadgen(
+                run,
+                f"{tag}-{run.port}",
+                path=path,
+                body=body,
+                extra=["--mode", "stream", "--streams", str(streams), "--requests", str(requests)],
+                timeout_s=30 + streams / 100,
+            )
 
     def unpaced(self, t: str, run: Running, rnd: int, plan: Plan) -> None:
         self.mock(tokens=plan.unpaced_tokens, delay_ms=0.0, first_token_ms=0.0)
@@ -631,15 +654,7 @@ class Bench:
 def warmup(bench: Bench, run: Running) -> None:
     bench.mock(tokens=8, delay_ms=2.0, first_token_ms=0.0)
     for body, path in ((OPENAI_BODY, "/v1/chat/completions"), (ANTHROPIC_BODY, "/v1/messages")):
-        with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
-            bench.loadgen(
-                run,
-                f"warmup-{run.port}",
-                path=path,
-                body=body,
-                extra=["--streams", "64", "--requests", "2"],
-                timeout_s=30,
-            )
+        bench.unmeasured(run, "warmup", path, body, 64, 2)
 
 
 # --- report --------------------------------------------------------------------------------------------------------

@@ -31,7 +31,10 @@ from tokenrelay._core import BodyDecoder, StreamMeter, parse_response_head
 
 # Idle keep-alive connections are closed after this long (servers usually close theirs sooner).
 KEEPALIVE_S = 60.0
-MAX_IDLE_PER_ORIGIN = 512
+# Idle connections kept per origin (per worker): as many as a worker's steady load of concurrent streams to one
+# provider needs, so that load does not reconnect (a TCP and often a TLS handshake) for every stream past the
+# cap. The bound is for the fds after a burst; Envoy's default connection limit per cluster is the same.
+MAX_IDLE_PER_ORIGIN = 1024
 DNS_TTL_S = 300.0
 # Copy the request body into the head's write below this size (one buffer); above it, write both.
 _COALESCE_BODY = 16 * 1024
