@@ -164,13 +164,12 @@ def raise_fd_limit() -> None:
     connections stay open: the usual soft limit of 1024 would refuse connections (EMFILE) at a few hundred
     streams. (Go's runtime does the same at start-up; nginx has `worker_rlimit_nofile`.)"""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY:
-        hard = 1 << 20
-    if soft != resource.RLIM_INFINITY and soft < hard:
+    target = 1 << 20 if hard == resource.RLIM_INFINITY else hard  # (an unlimited hard limit: the usual nr_open)
+    if soft != resource.RLIM_INFINITY and soft < target:
         try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
         except (ValueError, OSError):  # e.g. past the kernel's nr_open: keep what we have
-            log.warning("could not raise the open-file limit from %d to %d", soft, hard)
+            log.warning("could not raise the open-file limit from %d to %d", soft, target)
 
 
 def run(config: Config) -> int:
