@@ -667,7 +667,7 @@ def med(values: list[float | None]) -> float | None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="one round, fewer levels (~3 minutes)")
+    p.add_argument("--quick", action="store_true", help="one round, fewer levels (~4 minutes without LiteLLM)")
     p.add_argument("--scenarios", default=",".join(ALL_SCENARIOS))
     p.add_argument("--targets", default=",".join(ALL_TARGETS))
     p.add_argument("--rounds", type=int, default=0)
