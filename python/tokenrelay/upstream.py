@@ -57,8 +57,9 @@ def _deployment_headers(deployment: Deployment, stream: bool, anthropic_version:
     return headers
 
 
-# (deployment, path, stream, anthropic-version) -> the deployment and its request head: built once, not per request.
-_HEADS: dict[tuple[int, str, bool, str | None], tuple[Deployment, Origin, bytes]] = {}
+# (deployment, path, stream, anthropic-version) -> the deployment, its request head, and the client headers it
+# forwards (those it does not set itself): built once, not per request.
+_HEADS: dict[tuple[int, str, bool, str | None], tuple[Deployment, Origin, bytes, tuple[str, ...]]] = {}
 
 
 def upstream_request(
@@ -76,12 +77,14 @@ def upstream_request(
             _HEADS.clear()
         static = _deployment_headers(deployment, stream, version)
         origin = origin_of(deployment.base_url)
-        cached = _HEADS[key] = (deployment, origin, request_head("POST", origin, path, static))
-    _, origin, head = cached
+        own = {k.lower() for k in deployment.headers}
+        forwarded = tuple(name for name in FORWARDED_CLIENT_HEADERS if name not in own)
+        cached = _HEADS[key] = (deployment, origin, request_head("POST", origin, path, static), forwarded)
+    _, origin, head, forwarded = cached
     extra = {}
-    for name in FORWARDED_CLIENT_HEADERS:
+    for name in forwarded:
         value = client.get(name)
-        if value is not None and not any(k.lower() == name for k in deployment.headers):
+        if value is not None:
             extra[name] = value
     if extra:
         head += header_lines(extra)
