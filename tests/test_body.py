@@ -29,7 +29,7 @@ def expected_fields(body: dict[str, Any]) -> dict[str, Any]:
 @given(body=bodies, indent=st.booleans())
 def test_read_body_is_the_top_level_fields(body: dict[str, Any], indent: bool) -> None:
     raw = orjson.dumps(body, option=orjson.OPT_INDENT_2 if indent else 0)
-    assert read_body(raw) == expected_fields(body)
+    assert read_body(raw)[0] == expected_fields(body)
 
 
 @SETTINGS
@@ -38,15 +38,18 @@ def test_patch_body_equals_the_body_with_those_fields_set(
     body: dict[str, Any], model: str, options: dict[str, Any]
 ) -> None:
     raw = orjson.dumps(body)
-    out = patch_body(raw, [("model", orjson.dumps(model)), ("stream_options", orjson.dumps(options))])
+    changes = [("model", orjson.dumps(model)), ("stream_options", orjson.dumps(options))]
+    out = patch_body(raw, changes)
     assert orjson.loads(out) == {**body, "model": model, "stream_options": options}
+    assert patch_body(raw, changes, read_body(raw)[1]) == out  # with the spans read_body found: the same bytes
 
 
 def test_long_values_stay_in_the_bytes() -> None:
     messages = [{"role": "user", "content": "x" * 10_000}]
     raw = orjson.dumps({"model": "m", "messages": messages, "metadata": {"k": "v" * 5000}, "max_tokens": 7})
-    assert read_body(raw) == {"model": "m", "max_tokens": 7}
-    out = patch_body(raw, [("model", b'"upstream"')])
+    fields, spans = read_body(raw)
+    assert fields == {"model": "m", "max_tokens": 7}
+    out = patch_body(raw, [("model", b'"upstream"')], spans)
     assert out == raw.replace(b'"model":"m"', b'"model":"upstream"')  # every other byte as sent
 
 
@@ -59,9 +62,13 @@ def test_errors_have_the_clients_message() -> None:
         read_body(b'["model"]')
     with pytest.raises(ValueError, match="must be a JSON object"):
         patch_body(b"42", [("model", b'"m"')])
+    with pytest.raises(ValueError, match="another body"):
+        patch_body(b'{"model": "mm"}', [("model", b'"m"')], read_body(b'{"model": "m"}')[1])
 
 
 def test_duplicate_keys_last_wins_and_all_are_patched() -> None:
     raw = b'{"model": "a", "model": "b"}'
-    assert read_body(raw) == orjson.loads(raw) == {"model": "b"}
+    fields, spans = read_body(raw)
+    assert fields == orjson.loads(raw) == {"model": "b"}
+    assert patch_body(raw, [("model", b'"c"')], spans) == b'{"model": "c", "model": "c"}'
     assert orjson.loads(patch_body(raw, [("model", b'"c"')])) == {"model": "c"}

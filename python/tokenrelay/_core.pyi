@@ -287,11 +287,16 @@ class BodyDecoder:
 
 # --- the request body (rust/src/body.rs) ---
 
-def read_body(raw: bytes) -> dict[str, Any]:
-    """The top-level fields of a request body the proxy reads: every value but arrays and values over 4 KiB
-    (messages, tools, inputs stay in the bytes). The whole body is validated (GIL released when long);
-    ValueError with a message for the client when it is not a JSON object."""
+@final
+class BodySpans:
+    """Where a body's top-level members lie (from `read_body`): `patch_body` of the same bytes parses nothing."""
 
-def patch_body(raw: bytes, fields: list[tuple[str, bytes]]) -> bytes:
+def read_body(raw: bytes) -> tuple[dict[str, Any], BodySpans]:
+    """The top-level fields of a request body the proxy reads: every value but arrays and values over 4 KiB
+    (messages, tools, inputs stay in the bytes), and where every member lies. The whole body is validated (GIL
+    released when long); ValueError with a message for the client when it is not a JSON object."""
+
+def patch_body(raw: bytes, fields: list[tuple[str, bytes]], spans: BodySpans | None = None) -> bytes:
     """`raw` with these top-level members set to these raw JSON values (replaced where present, every
-    occurrence; added at the end otherwise); every other byte as sent. ValueError if not a JSON object."""
+    occurrence; added at the end otherwise); every other byte as sent. `spans`: `read_body(raw)`'s, so `raw`
+    is not parsed again. ValueError if not a JSON object, or if `spans` are of another body."""

@@ -24,6 +24,7 @@ from aiohttp import web
 
 from tokenrelay import metering, runs
 from tokenrelay._core import (
+    BodySpans,
     StreamMeter,
     TranslationError,
     Usage,
@@ -80,6 +81,7 @@ class Call:
     path: str  # the upstream path under the deployment's base URL, e.g. /chat/completions
     body: dict[str, Any]
     raw: bytes
+    spans: BodySpans  # where `raw`'s top-level members lie (read_body's)
     stream: bool
     outcome: Outcome
 
@@ -504,7 +506,7 @@ class Relay:
         if not changes:
             return call.raw, strip_usage
         # Spliced into the client's bytes (Rust), not re-encoded: the messages go upstream as they came.
-        return patch_body(call.raw, changes), strip_usage
+        return patch_body(call.raw, changes, call.spans), strip_usage
 
     @staticmethod
     def _translated_body(attempt: Attempt) -> tuple[bytes, bool]:

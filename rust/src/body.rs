@@ -7,6 +7,7 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::ops::Range;
 
 use serde::de::{Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
@@ -22,6 +23,9 @@ pub enum BodyError {
     /// JSON, but not an object.
     #[error("the request body must be a JSON object")]
     NotObject,
+    /// `patch_at` was given the spans of another body.
+    #[error("the spans are of another body")]
+    Spans,
 }
 
 /// One top-level member: its key and its value's bytes in the body.
@@ -71,55 +75,133 @@ pub fn members(raw: &[u8]) -> Result<Vec<Member<'_>>, BodyError> {
         .map_err(|e| BodyError::Json(e.to_string()))
 }
 
+/// Where each top-level member's value lies in a body: what [`patch_at`] needs, so a body read once (its members
+/// found while reading the fields) is patched without being parsed again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Spans {
+    /// The length of the body these spans are of (a check against patching another body with them).
+    len: usize,
+    members: Vec<(String, Range<usize>)>,
+}
+
+impl Spans {
+    /// The spans of `members`, which [`members`] found in `raw`.
+    pub fn of(raw: &[u8], members: &[Member<'_>]) -> Self {
+        let base = raw.as_ptr() as usize;
+        let members = members
+            .iter()
+            .map(|m| {
+                let text = m.value.get();
+                let start = text.as_ptr() as usize - base;
+                (m.key.clone().into_owned(), start..start + text.len())
+            })
+            .collect();
+        Spans {
+            len: raw.len(),
+            members,
+        }
+    }
+}
+
 /// `raw` with the top-level members named in `set` given the raw JSON values there (every occurrence of a key
 /// sent twice), and those not present added at the end. `set` values must be valid JSON (the caller encodes
 /// them); keys are encoded here.
 pub fn patch(raw: &[u8], set: &[(&str, &[u8])]) -> Result<Vec<u8>, BodyError> {
     let members = members(raw)?;
-    let base = raw.as_ptr() as usize;
-    let mut spans: Vec<(usize, usize, &[u8])> = Vec::new();
-    let mut missing: Vec<(&str, &[u8])> = Vec::new();
-    for &(key, value) in set {
-        let mut found = false;
-        for m in members.iter().filter(|m| m.key == key) {
-            let text = m.value.get();
-            let start = text.as_ptr() as usize - base;
-            spans.push((start, start + text.len(), value));
-            found = true;
-        }
-        if !found {
-            missing.push((key, value));
-        }
-    }
-    spans.sort_unstable_by_key(|s| s.0);
-    let extra: usize = missing.iter().map(|(k, v)| k.len() + v.len() + 8).sum();
-    let mut out =
-        Vec::with_capacity(raw.len() + extra + spans.iter().map(|s| s.2.len()).sum::<usize>());
-    let mut at = 0;
-    for (start, end, value) in spans {
-        out.extend_from_slice(&raw[at..start]);
-        out.extend_from_slice(value);
-        at = end;
-    }
-    if missing.is_empty() {
-        out.extend_from_slice(&raw[at..]);
-        return Ok(out);
-    }
-    // Before the closing brace (the last one: what follows it is whitespace).
-    let close = raw.iter().rposition(|&b| b == b'}').unwrap_or(raw.len());
-    out.extend_from_slice(&raw[at..close]);
-    let mut sep = !members.is_empty();
-    for (key, value) in missing {
-        if sep {
-            out.push(b',');
-        }
-        sep = true;
-        out.extend_from_slice(serde_json::to_string(key).unwrap_or_default().as_bytes());
-        out.push(b':');
-        out.extend_from_slice(value);
-    }
-    out.extend_from_slice(&raw[close..]);
+    patch_at(raw, &Spans::of(raw, &members), set)
+}
+
+/// [`patch`] with the members' spans already known (`Spans::of` the same `raw`); an error if they are of a body
+/// of another length.
+pub fn patch_at(raw: &[u8], spans: &Spans, set: &[(&str, &[u8])]) -> Result<Vec<u8>, BodyError> {
+    let plan = Plan::new(raw, spans, set)?;
+    let mut out = Vec::with_capacity(plan.len());
+    plan.emit(|piece| out.extend_from_slice(piece));
     Ok(out)
+}
+
+/// The patched body as the pieces to write: what of `raw` to keep and what to put between.
+#[derive(Debug)]
+pub(crate) struct Plan<'a> {
+    raw: &'a [u8],
+    /// Member values replaced, in order.
+    edits: Vec<(Range<usize>, &'a [u8])>,
+    /// Members added before the closing brace (encoded keys).
+    added: Vec<(String, &'a [u8])>,
+    /// Where the closing brace is, and whether a comma goes before the first added member.
+    close: usize,
+    comma: bool,
+}
+
+impl<'a> Plan<'a> {
+    /// The plan for [`patch_at`].
+    pub fn new(raw: &'a [u8], spans: &Spans, set: &[(&str, &'a [u8])]) -> Result<Self, BodyError> {
+        if spans.len != raw.len() {
+            return Err(BodyError::Spans);
+        }
+        let mut edits = Vec::new();
+        let mut added = Vec::new();
+        for &(key, value) in set {
+            let before = edits.len();
+            edits.extend(
+                spans
+                    .members
+                    .iter()
+                    .filter(|(k, _)| k == key)
+                    .map(|(_, r)| (r.clone(), value)),
+            );
+            if edits.len() == before {
+                added.push((serde_json::to_string(key).unwrap_or_default(), value));
+            }
+        }
+        edits.sort_unstable_by_key(|e| e.0.start);
+        // Before the closing brace (the last one: what follows it is whitespace).
+        let close = if added.is_empty() {
+            raw.len()
+        } else {
+            raw.iter().rposition(|&b| b == b'}').unwrap_or(raw.len())
+        };
+        Ok(Plan {
+            raw,
+            edits,
+            added,
+            close,
+            comma: !spans.members.is_empty(),
+        })
+    }
+
+    /// The patched body's length.
+    pub fn len(&self) -> usize {
+        let mut n = self.raw.len();
+        for (range, value) in &self.edits {
+            n = n - range.len() + value.len();
+        }
+        for (i, (key, value)) in self.added.iter().enumerate() {
+            n += usize::from(i > 0 || self.comma) + key.len() + 1 + value.len();
+        }
+        n
+    }
+
+    /// Hands the patched body to `put`, piece by piece, in order.
+    pub fn emit(&self, mut put: impl FnMut(&[u8])) {
+        let raw = self.raw;
+        let mut at = 0;
+        for (range, value) in &self.edits {
+            put(&raw[at..range.start]);
+            put(value);
+            at = range.end;
+        }
+        put(&raw[at..self.close]);
+        for (i, (key, value)) in self.added.iter().enumerate() {
+            if i > 0 || self.comma {
+                put(b",");
+            }
+            put(key.as_bytes());
+            put(b":");
+            put(value);
+        }
+        put(&raw[self.close..]);
+    }
 }
 
 #[cfg(test)]
@@ -186,6 +268,18 @@ mod tests {
     }
 
     #[test]
+    fn patch_at_known_spans_is_patch() {
+        let raw = br#"{"model": "a", "x": [1, 2], "model": "b"}"#;
+        let spans = Spans::of(raw, &members(raw).unwrap());
+        let set: &[(&str, &[u8])] = &[("model", b"\"c\""), ("stream", b"true")];
+        assert_eq!(
+            patch_at(raw, &spans, set).unwrap(),
+            patch(raw, set).unwrap()
+        );
+        assert_eq!(patch_at(b"{}", &spans, set).unwrap_err(), BodyError::Spans);
+    }
+
+    #[test]
     fn patch_replaces_a_key_sent_twice() {
         let out = patch(
             br#"{"model": "a", "x": 1, "model": "b"}"#,
@@ -222,7 +316,10 @@ mod tests {
             let body = Value::Object(fields.into_iter().collect());
             let raw = if pretty { serde_json::to_vec_pretty(&body) } else { serde_json::to_vec(&body) }.unwrap();
             let model_json = serde_json::to_vec(&model).unwrap();
-            let out = patch(&raw, &[("model", &model_json), ("stream", b"true")]).unwrap();
+            let set: &[(&str, &[u8])] = &[("model", &model_json), ("stream", b"true")];
+            let out = patch(&raw, set).unwrap();
+            let spans = Spans::of(&raw, &members(&raw).unwrap());
+            prop_assert_eq!(out.len(), Plan::new(&raw, &spans, set).unwrap().len());
             let mut expected = body.as_object().unwrap().clone();
             expected.insert("model".into(), json!(model));
             expected.insert("stream".into(), json!(true));

@@ -130,7 +130,9 @@ def endpoint(api: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]
             limit = relay.config.max_body_bytes
             return reject(413, f"the request body is larger than the limit of {limit} bytes", "request_too_large")
         try:
-            body = read_body(raw)  # validated whole; only the top-level fields the proxy reads are built
+            # Validated whole; only the top-level fields the proxy reads are built, and where each member lies
+            # (patched for the upstream without a second parse).
+            body, spans = read_body(raw)
         except ValueError as exc:
             return reject(400, str(exc), "invalid_json")
         model = body.get("model")
@@ -164,7 +166,7 @@ def endpoint(api: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]
             refused = reject(429, refusal, "run_budget_exceeded")
             refused.headers["x-should-retry"] = "false"  # the SDKs would retry a 429 otherwise
             return refused
-        call = Call(request, api, ENDPOINTS[api], body, raw, stream, outcome)
+        call = Call(request, api, ENDPOINTS[api], body, raw, spans, stream, outcome)
         return await relay.handle(call, route)
 
     return handle
