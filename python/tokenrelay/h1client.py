@@ -248,7 +248,7 @@ class Response:
                 self.client._release(conn)
             elif conn.transport is not None:
                 conn.transport.close()
-        self._wake()
+        self.wake()
 
     def _fail(self, error: UpstreamError) -> None:
         if self._ended:
@@ -265,7 +265,7 @@ class Response:
         if not self.head_future.done():
             self.head_future.set_exception(error)
             self.head_future.exception()  # retrieved here: a caller that gave up must not log it
-        self._wake()
+        self.wake()
 
     def on_lost(self, exc: Exception | None) -> None:
         """The connection closed while this response was on it."""
@@ -295,15 +295,12 @@ class Response:
 
     def wake(self) -> None:
         """Wakes a `wait()` in progress (it returns True; nothing may have arrived)."""
-        self._wake()
-
-    def _wake(self) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
     async def _wait(self, limit_s: float | None) -> bool:
-        """Waits for `_wake`; False when `limit_s` passed first."""
+        """Waits for `wake`; False when `limit_s` passed first."""
         waiter = self._waiter = self.loop.create_future()
         timer = self.loop.call_later(limit_s, _resolve, waiter) if limit_s is not None else None
         try:
@@ -418,7 +415,7 @@ class Response:
             self._excess = feed.wire_excess
             self._end()
         else:
-            self._wake()
+            self.wake()
 
     def take(self) -> bytes:
         """What the meter made of the reads so far (unframed; `b""` if nothing came). Raises UpstreamError once the
@@ -486,7 +483,7 @@ class Response:
             elif buffered() > high and not paused:
                 paused = True
                 upstream.pause_reading()
-                self._wake()
+                self.wake()
 
         self.sink = push
         while not self._ended:
