@@ -201,6 +201,24 @@ class Pool:
 # --- meter ---
 
 @final
+class TokenRate:
+    """Tokens per second over the last `window_s` seconds, spreading each request's tokens over the time it took:
+    input tokens at its start, output tokens evenly from its first token to its end. Adding is O(1) whatever the
+    request's length (a difference array); reading the series is O(window)."""
+
+    def __init__(self, window_s: int = 600) -> None: ...
+    @property
+    def n(self) -> int: ...
+    def add(self, side: int, tokens: float, start: float, end: float, now: float) -> None:
+        """Adds `tokens` on `side` (0 in, 1 out) spread evenly over [start, end] (Unix seconds)."""
+    def add_request(
+        self, input: float, output: float, start: float, first_token: float | None, end: float, now: float
+    ) -> None:
+        """One finished request: input tokens at `start`, output from `first_token` (None: `start`) to `end`."""
+    def series(self, seconds: int, now: float) -> tuple[list[float], list[float]]:
+        """Tokens in and out for each of the last `seconds` whole seconds before `now`, oldest first."""
+
+@final
 class Meters:
     """In-memory usage meters: `record()` per finished request, `drain()` deltas for the ledger."""
 

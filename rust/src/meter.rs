@@ -4,6 +4,7 @@
 
 pub mod histogram;
 mod prometheus;
+pub mod rate;
 
 use hashbrown::{Equivalent, HashMap};
 use histogram::Histogram;

@@ -1,6 +1,7 @@
 //! Python glue for the meters: `Meters`, `histogram_quantiles`, `histogram_merge` and the bucket constants.
 
 use crate::meter::histogram::{Histogram, BOUNDS};
+use crate::meter::rate;
 use crate::meter::{self, BucketKey, FieldValue, MeterError, Record, Row, ERROR_CLASSES};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -223,8 +224,57 @@ fn histogram_merge(a: Option<&str>, b: Option<&str>) -> PyResult<String> {
     Ok(hist.encode())
 }
 
+/// Tokens per second over the last `window_s` seconds (the live view's graph): see `rate::TokenRate`.
+#[pyclass(module = "tokenrelay._core")]
+struct TokenRate(rate::TokenRate);
+
+#[pymethods]
+impl TokenRate {
+    #[new]
+    #[pyo3(signature = (window_s = 600))]
+    fn new(window_s: usize) -> PyResult<Self> {
+        if window_s == 0 || window_s > 86_400 {
+            return Err(PyValueError::new_err("window_s must be 1..86400 seconds"));
+        }
+        Ok(TokenRate(rate::TokenRate::new(window_s)))
+    }
+
+    /// Seconds in the window.
+    #[getter]
+    fn n(&self) -> usize {
+        self.0.window()
+    }
+
+    /// Adds `tokens` on `side` (0 in, 1 out) spread evenly over [start, end] (Unix seconds).
+    #[pyo3(signature = (side, tokens, start, end, now))]
+    fn add(&mut self, side: usize, tokens: f64, start: f64, end: f64, now: f64) {
+        self.0.add(side, tokens, start, end, now);
+    }
+
+    /// One finished request: input tokens at `start`, output from `first_token` (None: `start`) to `end`.
+    #[pyo3(signature = (input, output, start, first_token, end, now))]
+    fn add_request(
+        &mut self,
+        input: f64,
+        output: f64,
+        start: f64,
+        first_token: Option<f64>,
+        end: f64,
+        now: f64,
+    ) {
+        self.0
+            .add_request(input, output, start, first_token, end, now);
+    }
+
+    /// Tokens in and out for each of the last `seconds` whole seconds before `now`, oldest first.
+    fn series(&mut self, seconds: usize, now: f64) -> (Vec<f64>, Vec<f64>) {
+        self.0.series(seconds, now)
+    }
+}
+
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Meters>()?;
+    m.add_class::<TokenRate>()?;
     m.add_function(wrap_pyfunction!(histogram_quantiles, m)?)?;
     m.add_function(wrap_pyfunction!(histogram_merge, m)?)?;
     m.add("HISTOGRAM_BOUNDS", PyTuple::new(m.py(), BOUNDS)?)?;
