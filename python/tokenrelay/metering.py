@@ -63,7 +63,7 @@ def error_class_for_status(status: int, upstream: bool) -> str:
     return ""
 
 
-@dataclass
+@dataclass(slots=True)
 class Outcome:
     """Filled in as a request goes; recorded once when it ends, whatever way it ends."""
 

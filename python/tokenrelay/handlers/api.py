@@ -115,9 +115,15 @@ def endpoint(api: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]
             return reject(400, f"X-Tokenrelay-Tags allows at most {MAX_TAGS} tags of {MAX_TAG_LENGTH} characters")
         outcome.tags = tags
         timeout = relay.config.body_timeout_s
+        limit = relay.config.max_body_bytes
+        content = request.content
         try:
-            if request.content.is_eof():  # the whole body has arrived (the usual case): the read cannot wait
-                raw = await request.read()
+            if content.is_eof():
+                # The whole body has arrived (the usual case): taken at once, no coroutine (aiohttp's read() would
+                # be two readany() awaits and a copy through a bytearray). Its size limit is checked here then.
+                raw = content.read_nowait()
+                if len(raw) > limit:
+                    raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(raw))
             else:
                 async with asyncio.timeout(timeout):
                     raw = await request.read()
@@ -127,7 +133,6 @@ def endpoint(api: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]
             response.force_close()
             return response
         except web.HTTPRequestEntityTooLarge:
-            limit = relay.config.max_body_bytes
             return reject(413, f"the request body is larger than the limit of {limit} bytes", "request_too_large")
         try:
             # Validated whole; only the top-level fields the proxy reads are built, and where each member lies

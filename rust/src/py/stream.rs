@@ -2,6 +2,7 @@
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyDict};
 
 use crate::api::Api;
@@ -116,7 +117,8 @@ impl PyStreamMeter {
     /// Records `time.monotonic_ns()` (the caller's own clock, read once per request) when content starts.
     fn stamp_first_token(&mut self, py: Python<'_>) -> PyResult<()> {
         if self.first_token_ns.is_none() && self.core.content_started() {
-            let now = py.import("time")?.getattr("monotonic_ns")?.call0()?;
+            static MONOTONIC_NS: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+            let now = MONOTONIC_NS.import(py, "time", "monotonic_ns")?.call0()?;
             self.first_token_ns = Some(now.extract()?);
         }
         Ok(())
