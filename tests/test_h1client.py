@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenrelay._core import BodyDecoder, StreamMeter
-from tokenrelay.h1client import Client, ConnectError, UpstreamError
+from tokenrelay.h1client import Client, ConnectError, Response, UpstreamError, origin_of, request_head
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -207,6 +207,114 @@ async def test_gzip_answer_is_inflated() -> None:
         client = Client(asyncio.get_running_loop())
         resp = await client.request("POST", url, "/x", {}, b"{}", connect_timeout=5)
         assert await resp.read() == payload
+        await client.close()
+
+
+ROLE = b'data: {"id":"c","choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n'
+CONTENT = b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+SSE_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+def holding(meters: list[StreamMeter]) -> Callable[[Response], bool]:
+    """An `on_head` that meters the stream in the callbacks and holds `send()` until content (as the relay's)."""
+
+    def on_head(response: Response) -> bool:
+        meter = StreamMeter("chat", "gpt-4o")
+        meters.append(meter)
+        response.hold(lambda: meter.content_started or meter.done)
+        response.start_stream(meter)
+        return True
+
+    return on_head
+
+
+async def test_a_held_head_returns_once_content_arrives() -> None:
+    """`send(on_head=...)` returns at the first content, not at the head: the reads before it (the head, a role
+    event) are metered in the callbacks, and all of it is there to `take()`."""
+    gap_s = 0.3
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(SSE_HEAD + chunk(ROLE))
+        await writer.drain()
+        await asyncio.sleep(gap_s)
+        writer.write(chunk(CONTENT) + b"0\r\n\r\n")
+        await writer.drain()
+        await reader.read()
+
+    async with server(handler) as (url, _):
+        loop = asyncio.get_running_loop()
+        client = Client(loop)
+        meters: list[StreamMeter] = []
+        started = loop.time()
+        resp = await client.send(
+            origin_of(url),
+            request_head("POST", origin_of(url), "/x", {}),
+            b"{}",
+            connect_timeout=5,
+            on_head=holding(meters),
+        )
+        assert loop.time() - started >= gap_s * 0.9  # not woken at the head
+        assert meters and meters[0].content_started
+        assert resp.take() == ROLE + CONTENT
+        await client.close()
+
+
+async def test_a_break_during_the_hold_is_raised_by_take_after_what_came_before() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(SSE_HEAD + chunk(ROLE))
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        writer.write(b"zz\r\n")  # a broken chunk size, in a read of its own
+        await writer.drain()
+        await reader.read()
+
+    async with server(handler) as (url, _):
+        client = Client(asyncio.get_running_loop())
+        resp = await client.send(
+            origin_of(url),
+            request_head("POST", origin_of(url), "/x", {}),
+            b"{}",
+            connect_timeout=5,
+            on_head=holding([]),
+        )
+        assert resp.status == 200
+        assert resp.take() == ROLE
+        with pytest.raises(UpstreamError, match="malformed"):
+            resp.take()
+        await client.close()
+
+
+async def test_stop_holding_releases_a_held_head() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(SSE_HEAD + chunk(ROLE))  # and nothing more: a long thinking phase
+        await writer.drain()
+        await reader.read()
+
+    async with server(handler) as (url, _):
+        loop = asyncio.get_running_loop()
+        client = Client(loop)
+        held: list[Response] = []
+
+        def on_head(response: Response) -> bool:
+            held.append(response)
+            return holding([])(response)
+
+        loop.call_later(0.2, lambda: held[0].stop_holding())
+        resp = await asyncio.wait_for(
+            client.send(
+                origin_of(url),
+                request_head("POST", origin_of(url), "/x", {}),
+                b"{}",
+                connect_timeout=5,
+                on_head=on_head,
+            ),
+            timeout=5,
+        )
+        assert resp.take() == ROLE and not resp.ended
+        resp.close()
         await client.close()
 
 

@@ -158,6 +158,7 @@ class Response:
         "_error",
         "_excess",
         "_feed",
+        "_held",
         "_pending",
         "_waiter",
         "body",
@@ -172,6 +173,7 @@ class Response:
         "last_read",
         "length",
         "loop",
+        "on_head",
         "received",
         "sink",
         "status",
@@ -201,6 +203,10 @@ class Response:
         self._error: UpstreamError | None = None
         self._excess = False
         self._waiter: asyncio.Future[None] | None = None
+        # Called in the callback that completes the head (see `send`); while `_held` is set, the head future waits
+        # until it returns True (or the body ends or breaks, or `stop_holding()`).
+        self.on_head: Callable[[Response], bool] | None = None
+        self._held: Callable[[], bool] | None = None
 
     # --- the head ----------------------------------------------------------------------------------------------
 
@@ -221,12 +227,33 @@ class Response:
         headers: CIMultiDict[str] = CIMultiDict(fields)
         self.headers = CIMultiDictProxy(headers)
         self.sink = self._early
+        if self.framing == "empty" or (self.framing == "length" and self.length == 0):
+            self._resolve_head()
+            self._end()
+            return
+        if size < len(buf):
+            self._pending.append(buf[size:])
+        on_head = self.on_head
+        self.on_head = None
+        if on_head is not None and on_head(self) and self._held is not None:
+            return  # the caller reads on here, in the callbacks; `wake()` resolves the head future
+        self._resolve_head()
+
+    def _resolve_head(self) -> None:
+        self._held = None
         if not self.head_future.done():
             self.head_future.set_result(None)
-        if self.framing == "empty" or (self.framing == "length" and self.length == 0):
-            self._end()
-        elif size < len(buf):
-            self._pending.append(buf[size:])
+
+    def hold(self, ready: Callable[[], bool] | None) -> None:
+        """From `on_head`: `send()` returns only once `ready()` is true after a read (or the body ended or broke,
+        or `stop_holding()` was called): the reads until then go through the sink chosen in `on_head`, with no
+        wake-up of the caller for each. `None` cancels the hold."""
+        self._held = ready
+
+    def stop_holding(self) -> None:
+        """Ends a hold: `send()` returns now."""
+        if self._held is not None:
+            self._resolve_head()
 
     def _early(self, data: bytes) -> None:
         """Body bytes before the caller chose how to read them."""
@@ -262,7 +289,9 @@ class Response:
         conn.dead = True
         if conn.transport is not None:
             conn.transport.abort()
-        if not self.head_future.done():
+        if self._held is not None:
+            self._resolve_head()  # the head itself was whole: `take()` raises the error, after what came before it
+        elif not self.head_future.done():
             self.head_future.set_exception(error)
             self.head_future.exception()  # retrieved here: a caller that gave up must not log it
         self.wake()
@@ -294,7 +323,13 @@ class Response:
         self._fail(UpstreamError(f"the upstream closed the connection before answering{detail}"))
 
     def wake(self) -> None:
-        """Wakes a `wait()` in progress (it returns True; nothing may have arrived)."""
+        """Wakes a `wait()` in progress (it returns True; nothing may have arrived), or, during a hold, `send()` if
+        the hold is over."""
+        held = self._held
+        if held is not None:
+            if self._ended or held():
+                self._resolve_head()
+            return
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -595,17 +630,23 @@ class Client:
         *,
         connect_timeout: float,
         sized: bool = True,
+        on_head: Callable[[Response], bool] | None = None,
     ) -> Response:
         """Sends a request whose head (`request_head()`: request line and headers, without Content-Length and
         the blank line) is already built, and waits for the response head. Raises ConnectError, ConnectTimeout
         or UpstreamError. A reused connection that closes before any byte of the answer is retried once on a
-        new one (the server closed it while idle)."""
+        new one (the server closed it while idle).
+
+        `on_head(response)` is called in the upstream's callback that completes the head (not for an empty
+        body); it may start reading there (`start_stream`) and `hold()` the head until the body has something
+        worth a wake-up: then `send()` returns once, not at the head and again at the first read."""
         raw = head + (b"content-length: %d\r\n\r\n" % len(body) if sized else b"\r\n")
         for attempt in (0, 1):
             conn, reused = self._idle_conn(origin.key)
             if conn is None:
                 conn = await self._connect(origin, connect_timeout)
             response = Response(self, conn)
+            response.on_head = on_head
             conn.response = response
             transport = conn.transport
             assert transport is not None

@@ -146,6 +146,7 @@ class _Watchdog:
         if self.hold_until is not None and now >= self.hold_until:
             self.hold_until = None
             if self.response is not None:
+                self.response.stop_holding()
                 self.response.wake()
         if self.client is not None:
             if self.client.is_closing():
@@ -189,8 +190,15 @@ class _Watchdog:
         if transport is None or transport.is_closing():
             return
         self.client, self.write_timeout = transport, write_timeout
+        # The stall clock starts now; the one timer moves to the sooner of the first client check and the upstream
+        # deadline (as `_check` would arm it: no extra callback per request).
+        now = self.loop.time()
+        self._stall_since, self._stall_size = now, 0
+        when = now + write_timeout / 4
+        if not self._upstream_done and self.fired is None:
+            when = min(when, self._deadline())
         self._handle.cancel()
-        self._handle = self.loop.call_at(self.loop.time(), self._check)
+        self._handle = self.loop.call_at(when, self._check)
 
     def cancel(self) -> None:
         """Stops the upstream deadlines (the client watch, if any, goes on)."""
@@ -548,7 +556,10 @@ class Relay:
         try:
             try:
                 origin, head = upstream_request(deployment, attempt.upstream_path, call.request.headers, call.stream)
-                upstream = await self.client.send(origin, head, body, connect_timeout=attempt.route.timeouts.connect)
+                on_head = self._stream_on_head(attempt, strip_usage) if call.stream else None
+                upstream = await self.client.send(
+                    origin, head, body, connect_timeout=attempt.route.timeouts.connect, on_head=on_head
+                )
                 body = b""
             except asyncio.CancelledError:
                 if watchdog.fired is None:
@@ -580,6 +591,31 @@ class Relay:
         finally:
             if not ok:
                 attempt.close()
+
+    @staticmethod
+    def _stream_on_head(attempt: Attempt, strip_usage: bool) -> Callable[[Response], bool]:
+        """For a streamed request: in the upstream's callback that completes the head of a stream, start
+        metering there and hold the handler until the first content (or the end, an error event, the hold limit):
+        one wake-up of the handler where there were two (the head, then the first token)."""
+
+        def on_head(upstream: Response) -> bool:
+            if upstream.status >= 400 or not _is_stream(upstream.headers.get("content-type", "")):
+                return False
+            watchdog = attempt.watchdog
+            if watchdog is None or watchdog.hold_until is None:
+                return False
+            try:
+                meter = StreamMeter(attempt.upstream_api, attempt.model, strip_usage, _translate_to(attempt))
+                upstream.hold(lambda: meter.content_started or meter.done or meter.error is not None)
+                upstream.start_stream(meter)
+            except Exception:  # (an unsupported content-encoding...): the handler meets it again, and reports it
+                upstream.hold(None)
+                return False
+            attempt.meter = meter
+            watchdog.response = upstream  # the watchdog's deadlines and the hold limit now act on the response
+            return True
+
+        return on_head
 
     async def _upstream_error(self, attempt: Attempt, upstream: Response) -> None:
         """An error status: retry elsewhere if it is the deployment's fault, else keep it to pass on."""
@@ -652,18 +688,23 @@ class Relay:
 
     async def _open_stream(self, attempt: Attempt, upstream: Response, strip_usage: bool) -> None:
         """Holds the opening events until the first content token (or the end, an error, or the hold limit)."""
-        call = attempt.call
-        translate_to = call.api if attempt.translated else None
-        meter = attempt.meter = StreamMeter(attempt.upstream_api, attempt.model, strip_usage, translate_to)
+        meter = attempt.meter
         watchdog = attempt.watchdog
         assert watchdog is not None
         try:
-            upstream.start_stream(meter)  # the opening events are often in already: metered here, no wait
+            if meter is None:  # (else it was started by `_stream_on_head`, in the upstream's callbacks)
+                meter = attempt.meter = StreamMeter(
+                    attempt.upstream_api, attempt.model, strip_usage, _translate_to(attempt)
+                )
+                upstream.start_stream(meter)  # the opening events are often in already: metered here, no wait
             while True:
                 data = upstream.take()
                 if data:
                     attempt.held.append(data)
-                if meter.content_started or meter.done or meter.error is not None or upstream.ended:
+                if meter.content_started or meter.done or meter.error is not None:
+                    break
+                if upstream.ended:
+                    upstream.take()  # raises if the stream broke (what came before the break is taken above)
                     break
                 if watchdog.hold_until is None:  # the hold is over (counted from the attempt's start)
                     break
@@ -848,6 +889,11 @@ class _StreamHead(web.StreamResponse):
     for the client to wake up to, not two (aiohttp's StreamResponse sends its head at prepare())."""
 
     _send_headers_immediately = False
+
+
+def _translate_to(attempt: Attempt) -> str | None:
+    """The client's API when the upstream's events are translated to it."""
+    return attempt.call.api if attempt.translated else None
 
 
 def _label(value: str) -> str:
