@@ -2,7 +2,9 @@
 
 Runs `tokenrelay serve ARGS...` in this process with timestamps at the steps of a streamed request (request bytes
 in, upstream request sent, upstream head in, the hold, the commit, the response head, the first write) and a
-`gc.callbacks` timer; at exit (SIGTERM or Ctrl-C) prints each step's p50/p90 and the GC passes. A developer's
+`gc.callbacks` timer; at exit (SIGTERM or Ctrl-C) prints each step's p50/p90 and the GC passes. (Since the
+head of a stream is held in the upstream's callbacks until the first content, "upstream head -> hold" includes
+the wait for that content, and "hold -> first token" is only the handler's own step.) A developer's
 tool: it wraps private functions, so it follows the code, not an API. Use with any load, e.g.
 
     python benches/phases.py serve --listen 127.0.0.1:18005 --config bench.toml &
