@@ -42,12 +42,15 @@ lint: dev-install ## cargo fmt --check, clippy -D warnings, ruff, mypy --strict
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
 	cargo clippy --workspace --all-targets --features python -- -D warnings
+	cargo fmt --manifest-path benches/rig/Cargo.toml --check
+	cargo clippy --manifest-path benches/rig/Cargo.toml --all-targets -- -D warnings
 	$(VENV)/bin/ruff check python tests benches
 	$(VENV)/bin/ruff format --check python
 	$(VENV)/bin/mypy
 
 fmt: ## format Rust and Python
 	cargo fmt --all
+	cargo fmt --manifest-path benches/rig/Cargo.toml
 	$(VENV)/bin/ruff format python tests benches
 	$(VENV)/bin/ruff check --fix python tests benches
 

@@ -67,7 +67,8 @@ def markdown(meta: dict[str, Any], records: list[Rec], names: list[str]) -> str:
     w(f"Run: `{meta['command']}` — {meta['date']}, {meta['elapsed_s'] / 60:.1f} min.  ")
     w(f"Machine: {meta['machine']}.  ")
     w(
-        f"nginx {meta.get('nginx_version') or '?'}, LiteLLM {meta['litellm_version']}, mock: `{meta['mock']}`; "
+        f"nginx {meta.get('nginx_version') or '?'}, LiteLLM {meta['litellm_version']}, mock: `{meta['mock']}`, rig: "
+        f"`{meta.get('rig', 'python')}`; "
         f"medians over {meta['plan']['rounds']} round(s). Proxies with one worker pinned to core 1, rig (mock + "
         "load generator) to core 0; two-worker proxies on both cores. tokenrelay at log level warning."
     )

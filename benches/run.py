@@ -2,14 +2,17 @@
 
     python benches/run.py [--quick] [--scenarios paced,unpaced,idle,nonstream,anthropic,capacity]
                           [--targets direct,tokenrelay-w1,tokenrelay-w2,nginx-w1,nginx-w2,litellm]
-                          [--rounds N] [--mock fast|aiohttp] [--no-readme]
+                          [--rounds N] [--mock fast|aiohttp] [--rig rust|python] [--no-readme]
 
-Every process is separate: the mock upstream (`fastmock.py`, or `tokenrelay.mock` with `--mock aiohttp`), the
-load generator (`loadgen.py`, one process per measurement) and the proxy under test. Mock and load generator are
-pinned to core 0, the proxy to core 1 (`taskset`); two-worker proxies get both cores, so they share core 0 with
-the rig. Each round starts every target in turn (rotating the order), warms it up, runs every scenario, stops it;
-the figures are medians over the rounds. Raw JSON goes to `benches/out/<stamp>/`, the tables into
-`benches/README.md` between the results markers, the chart to `benches/results.png`. See benches/README.md.
+Every process is separate: the mock upstream (`fastmock`, or `tokenrelay.mock` with `--mock aiohttp`), the load
+generator (`loadgen`, one process per measurement) and the proxy under test. The rig (mock and load generator) is
+the compiled one in `benches/rig/` (built by this script with cargo) or, with `--rig python` or when cargo is
+missing or the build fails, `fastmock.py` and `loadgen.py`: the same programs in Python, at about twice the CPU.
+Mock and load generator are pinned to core 0, the proxy to core 1 (`taskset`); two-worker proxies get both cores,
+so they share core 0 with the rig. Each round starts every target in turn (rotating the order), warms it up, runs
+every scenario, stops it; the figures are medians over the rounds. Raw JSON goes to `benches/out/<stamp>/`, the
+tables into `benches/README.md` between the results markers, the chart to `benches/results.png`. See
+benches/README.md.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 LITELLM_VERSION = "1.77.7"  # newest release whose `[proxy]` extra installs from PyPI here (1.110 needs litellm-proxy)
 LITELLM_VENV = HERE / ".litellm-venv"
+RIG_DIR = HERE / "rig"  # the compiled rig: its own crate, not a member of the root workspace
 CORE_RIG = "0"
 CORE_PROXY = "1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -147,6 +151,24 @@ def rss_kb(roots: list[int]) -> dict[int, int]:
         except OSError:
             continue
     return out
+
+
+def build_rig() -> tuple[Path | None, str]:
+    """Builds the compiled rig (`benches/rig`, release); its binaries' directory, or None and why not."""
+    cargo = shutil.which("cargo") or str(Path.home() / ".cargo" / "bin" / "cargo")
+    if not Path(cargo).exists():
+        return None, "cargo not found"
+    target = RIG_DIR / "target"
+    cmd = [cargo, "build", "--release", "--quiet", "--manifest-path", str(RIG_DIR / "Cargo.toml")]
+    try:
+        r = subprocess.run([*cmd, "--target-dir", str(target)], capture_output=True, text=True, timeout=900)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return None, f"cargo build failed: {exc}"
+    if r.returncode != 0:
+        return None, f"cargo build failed ({r.returncode}): {r.stderr.strip()[-600:]}"
+    bin_dir = target / "release"
+    missing = [b for b in ("fastmock", "loadgen") if not (bin_dir / b).exists()]
+    return (None, f"cargo build left no {', '.join(missing)}") if missing else (bin_dir, "")
 
 
 # --- processes -----------------------------------------------------------------------------------------------------
@@ -446,11 +468,12 @@ QUICK = Plan([64, 256], 16, 1000, 1000, 6.0, 32, 2.0, 256, [512, 1024, 2048], 1)
 
 
 class Bench:
-    def __init__(self, work: Path, out: Path, mock_port: int, mock_control: str) -> None:
+    def __init__(self, work: Path, out: Path, mock_port: int, mock_control: str, loadgen: list[str]) -> None:
         self.work = work
         self.out = out
         self.mock_port = mock_port
         self.mock_control = mock_control
+        self.loadgen_cmd = loadgen  # the load generator's command (the compiled one or loadgen.py)
         self.records: list[dict[str, Any]] = []
 
     def mock(self, **behaviour: Any) -> None:
@@ -464,8 +487,7 @@ class Bench:
         out = self.out / f"{tag}.json"
         cmd = [
             *taskset(CORE_RIG),
-            sys.executable,
-            str(HERE / "loadgen.py"),
+            *self.loadgen_cmd,
             "--port",
             str(run.port),
             "--path",
@@ -672,6 +694,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--targets", default=",".join(ALL_TARGETS))
     p.add_argument("--rounds", type=int, default=0)
     p.add_argument("--mock", choices=("fast", "aiohttp"), default="fast")
+    p.add_argument(
+        "--rig",
+        choices=("rust", "python"),
+        default="rust",
+        help="mock + load generator: compiled (benches/rig, built with cargo; Python if that fails) or the .py ones",
+    )
     p.add_argument("--no-readme", action="store_true", help="don't rewrite benches/README.md and results.png")
     p.add_argument(
         "--baseline",
@@ -712,13 +740,27 @@ def main(argv: list[str] | None = None) -> int:
             log(f"skipping {n}: {TARGETS[n].skipped}")
     active = [n for n in names if not TARGETS[n].skipped]
 
+    rig, rig_note = args.rig, ""
+    bin_dir: Path | None = None
+    if rig == "rust":
+        bin_dir, rig_note = build_rig()
+        if bin_dir is None:
+            rig = "python"
+            log(f"the compiled rig is not available ({rig_note}): using the Python rig (fastmock.py, loadgen.py)")
+    if bin_dir is not None:
+        loadgen_cmd, fastmock_cmd = [str(bin_dir / "loadgen")], [str(bin_dir / "fastmock")]
+    else:
+        loadgen_cmd = [sys.executable, str(HERE / "loadgen.py")]
+        fastmock_cmd = [sys.executable, str(HERE / "fastmock.py")]
     mock_port = free_port()
     if args.mock == "fast":
-        mock_cmd = [sys.executable, str(HERE / "fastmock.py"), "--port", str(mock_port)]
+        mock_cmd = [*fastmock_cmd, "--port", str(mock_port)]
     else:
         mock_cmd = [sys.executable, "-m", "tokenrelay.mock", "--port", str(mock_port), "--usage", "true"]
+    mock_name = "tokenrelay.mock" if args.mock == "aiohttp" else Path(fastmock_cmd[-1]).name
+    log(f"rig: {rig} (mock {mock_name}, load generator {Path(loadgen_cmd[-1]).name})")
     mock = Proc([*taskset(CORE_RIG), *mock_cmd], work / "mock.log")
-    bench = Bench(work, out, mock_port, f"http://127.0.0.1:{mock_port}/_control")
+    bench = Bench(work, out, mock_port, f"http://127.0.0.1:{mock_port}/_control", loadgen_cmd)
     baseline: dict[str, list[dict[int, int]]] = {}
     failures: dict[str, str] = {}
     try:
@@ -799,6 +841,9 @@ def main(argv: list[str] | None = None) -> int:
         "elapsed_s": elapsed,
         "plan": vars(plan),
         "mock": args.mock,
+        "rig": rig,  # the load generator's (and with `--mock fast` the mock's) implementation actually used
+        "rig_requested": args.rig,
+        "rig_note": rig_note,  # why the compiled rig was not used, if it was not
         "skipped": {n: TARGETS[n].skipped for n in names if TARGETS[n].skipped} | failures,
         "baseline_rss_kb": baseline,
         "litellm_version": LITELLM_VERSION,
