@@ -77,7 +77,8 @@ def _report() -> None:
     for a, b in itertools.pairwise(STEPS):
         d = sorted((r[b] - r[a]) / 1000 for r in complete)
         if d:
-            print(f"  {a:>14} -> {b:<14} p50 {d[len(d) // 2]:8.1f} us   p90 {d[int(len(d) * 0.9)]:8.1f} us", file=out)
+            p50, p90, p99 = (d[min(len(d) - 1, int(len(d) * q))] for q in (0.5, 0.9, 0.99))
+            print(f"  {a:>14} -> {b:<14} p50 {p50:8.1f} us   p90 {p90:8.1f} us   p99 {p99:8.1f} us", file=out)
     for generation, passes in gc_passes.items():
         if passes:
             passes.sort()
