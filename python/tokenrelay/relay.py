@@ -604,11 +604,11 @@ class Relay:
             watchdog = attempt.watchdog
             if watchdog is None or watchdog.hold_until is None:
                 return False
+            meter = _new_meter(attempt, strip_usage)
+            upstream.hold(lambda: meter.content_started or meter.done or meter.error is not None)
             try:
-                meter = StreamMeter(attempt.upstream_api, attempt.model, strip_usage, _translate_to(attempt))
-                upstream.hold(lambda: meter.content_started or meter.done or meter.error is not None)
                 upstream.start_stream(meter)
-            except Exception:  # (an unsupported content-encoding...): the handler meets it again, and reports it
+            except UpstreamError:  # an unsupported content-encoding: the handler meets it again, and reports it
                 upstream.hold(None)
                 return False
             attempt.meter = meter
@@ -693,9 +693,7 @@ class Relay:
         assert watchdog is not None
         try:
             if meter is None:  # (else it was started by `_stream_on_head`, in the upstream's callbacks)
-                meter = attempt.meter = StreamMeter(
-                    attempt.upstream_api, attempt.model, strip_usage, _translate_to(attempt)
-                )
+                meter = attempt.meter = _new_meter(attempt, strip_usage)
                 upstream.start_stream(meter)  # the opening events are often in already: metered here, no wait
             while True:
                 data = upstream.take()
@@ -891,9 +889,10 @@ class _StreamHead(web.StreamResponse):
     _send_headers_immediately = False
 
 
-def _translate_to(attempt: Attempt) -> str | None:
-    """The client's API when the upstream's events are translated to it."""
-    return attempt.call.api if attempt.translated else None
+def _new_meter(attempt: Attempt, strip_usage: bool) -> StreamMeter:
+    """The meter of an attempt's stream (in the upstream's format; translating to the client's when they differ)."""
+    translate_to = attempt.call.api if attempt.translated else None
+    return StreamMeter(attempt.upstream_api, attempt.model, strip_usage, translate_to)
 
 
 def _label(value: str) -> str:
