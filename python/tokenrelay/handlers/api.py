@@ -46,6 +46,10 @@ def _error_api(api: str) -> str:
     return "messages" if api in ("messages", "count_tokens") else api
 
 
+def _too_large(limit: int) -> str:
+    return f"the request body is larger than the limit of {limit} bytes"
+
+
 def _parse_tags(value: str) -> str | None:
     if not value:
         return ""
@@ -123,7 +127,7 @@ def endpoint(api: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]
                 # be two readany() awaits and a copy through a bytearray). Its size limit is checked here then.
                 raw = content.read_nowait()
                 if len(raw) > limit:
-                    raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(raw))
+                    return reject(413, _too_large(limit), "request_too_large")
             else:
                 async with asyncio.timeout(timeout):
                     raw = await request.read()
@@ -133,7 +137,7 @@ def endpoint(api: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]
             response.force_close()
             return response
         except web.HTTPRequestEntityTooLarge:
-            return reject(413, f"the request body is larger than the limit of {limit} bytes", "request_too_large")
+            return reject(413, _too_large(limit), "request_too_large")
         try:
             # Validated whole; only the top-level fields the proxy reads are built, and where each member lies
             # (patched for the upstream without a second parse).
