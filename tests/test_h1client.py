@@ -228,6 +228,11 @@ def holding(meters: list[StreamMeter]) -> Callable[[Response], bool]:
     return on_head
 
 
+async def send_held(client: Client, url: str, on_head: Callable[[Response], bool]) -> Response:
+    origin = origin_of(url)
+    return await client.send(origin, request_head("POST", origin, "/x", {}), b"{}", connect_timeout=5, on_head=on_head)
+
+
 async def test_a_held_head_returns_once_content_arrives() -> None:
     """`send(on_head=...)` returns at the first content, not at the head: the reads before it (the head, a role
     event) are metered in the callbacks, and all of it is there to `take()`."""
@@ -247,13 +252,7 @@ async def test_a_held_head_returns_once_content_arrives() -> None:
         client = Client(loop)
         meters: list[StreamMeter] = []
         started = loop.time()
-        resp = await client.send(
-            origin_of(url),
-            request_head("POST", origin_of(url), "/x", {}),
-            b"{}",
-            connect_timeout=5,
-            on_head=holding(meters),
-        )
+        resp = await send_held(client, url, holding(meters))
         assert loop.time() - started >= gap_s * 0.9  # not woken at the head
         assert meters and meters[0].content_started
         assert resp.take() == ROLE + CONTENT
@@ -272,13 +271,7 @@ async def test_a_break_during_the_hold_is_raised_by_take_after_what_came_before(
 
     async with server(handler) as (url, _):
         client = Client(asyncio.get_running_loop())
-        resp = await client.send(
-            origin_of(url),
-            request_head("POST", origin_of(url), "/x", {}),
-            b"{}",
-            connect_timeout=5,
-            on_head=holding([]),
-        )
+        resp = await send_held(client, url, holding([]))
         assert resp.status == 200
         assert resp.take() == ROLE
         with pytest.raises(UpstreamError, match="malformed"):
@@ -303,16 +296,7 @@ async def test_stop_holding_releases_a_held_head() -> None:
             return holding([])(response)
 
         loop.call_later(0.2, lambda: held[0].stop_holding())
-        resp = await asyncio.wait_for(
-            client.send(
-                origin_of(url),
-                request_head("POST", origin_of(url), "/x", {}),
-                b"{}",
-                connect_timeout=5,
-                on_head=on_head,
-            ),
-            timeout=5,
-        )
+        resp = await asyncio.wait_for(send_held(client, url, on_head), timeout=5)
         assert resp.take() == ROLE and not resp.ended
         resp.close()
         await client.close()
