@@ -3,6 +3,8 @@
 //! limit raised to its hard maximum.
 
 use std::collections::HashMap;
+use std::io;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::process::exit;
 
 /// How many values an option takes (argparse's `nargs`/`action`).
@@ -185,6 +187,18 @@ impl Args {
         let v = self.str(name);
         parse_int(v)
             .unwrap_or_else(|| self.error(&format!("argument --{name}: invalid int value: '{v}'")))
+    }
+
+    /// `--host` and `--port` (both binaries have them) resolved to one address; a port out of range is a usage
+    /// error, as argparse would make it.
+    pub fn socket_addr(&self) -> io::Result<SocketAddr> {
+        let host = self.str("host");
+        let Ok(port) = u16::try_from(self.i64("port")) else {
+            self.error("argument --port: out of range")
+        };
+        (host, port).to_socket_addrs()?.next().ok_or_else(|| {
+            io::Error::new(io::ErrorKind::NotFound, format!("no address for {host}"))
+        })
     }
 
     pub fn f64s(&self, name: &str) -> Vec<f64> {

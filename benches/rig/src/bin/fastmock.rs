@@ -20,7 +20,6 @@
 use std::cell::{Cell, RefCell};
 use std::future::{poll_fn, Future};
 use std::io::{self, Write as _};
-use std::net::ToSocketAddrs;
 use std::pin::pin;
 use std::rc::Rc;
 use std::task::Poll;
@@ -631,20 +630,13 @@ fn main() -> io::Result<()> {
     let args = Args::parse("A lean mock provider for the benchmarks (compiled).", OPTS);
     raise_nofile();
     let host = args.str("host").to_string();
-    let port = args.i64("port");
     let state = Rc::new(State::new(Behaviour {
         tokens: args.i64("tokens"),
         delay_ms: args.f64("delay-ms"),
         first_token_ms: args.f64("first-token-ms"),
         usage: args.str("usage").to_lowercase() == "true",
     }));
-    let Ok(port) = u16::try_from(port) else {
-        args.error("argument --port: out of range")
-    };
-    let addr = (host.as_str(), port)
-        .to_socket_addrs()?
-        .next()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no address for {host}")))?;
+    let addr = args.socket_addr()?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

@@ -21,7 +21,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::io::{self, Write as _};
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -804,13 +804,7 @@ fn main() -> io::Result<()> {
         body_arg.as_bytes().to_vec()
     };
     let request = build_request(&host, port, args.str("path"), &body, args.list("header"));
-    let Ok(port16) = u16::try_from(port) else {
-        args.error("argument --port: out of range")
-    };
-    let addr = (host.as_str(), port16)
-        .to_socket_addrs()?
-        .next()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no address for {host}")))?;
+    let addr = args.socket_addr()?;
     let n = streams.max(0) as usize;
     let sh = Rc::new(Shared {
         cfg: Config {
