@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 from tokenrelay import __version__
+from tokenrelay.app import bind_socket
 
 GOOD = """
 listen = "127.0.0.1:4999"
@@ -98,3 +100,14 @@ def test_serve_refuses_a_bad_config_before_binding(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "listening" not in result.stdout
     assert "error(s)" in result.stderr
+
+
+def test_accepted_connections_have_keepalive_from_the_listening_socket() -> None:
+    # The daemon sets SO_KEEPALIVE once on its listener instead of on each connection (aiohttp's
+    # tcp_keepalive is off): a client that vanishes without a FIN must still be found out by the kernel.
+    listener = bind_socket("127.0.0.1", 0, reuse_port=False)
+    listener.setblocking(True)
+    with listener, socket.create_connection(listener.getsockname()[:2]):
+        accepted, _ = listener.accept()
+        with accepted:
+            assert accepted.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1

@@ -106,6 +106,9 @@ def bind_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # Accepted sockets inherit SO_KEEPALIVE from the listener (Linux, BSDs): set once here, instead of aiohttp's
+    # setsockopt on every connection it accepts (`tcp_keepalive=False` below). TCP_NODELAY the loop sets itself.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     if reuse_port:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
@@ -127,6 +130,7 @@ async def serve(config: Config, sock: socket.socket | None = None, ready_fd: int
         handle_signals=False,
         handler_cancellation=True,
         shutdown_timeout=config.shutdown_grace_s,
+        tcp_keepalive=False,  # (the listening socket has it: see bind_socket)
     )
     await runner.setup()
     # (the site listens again: without `backlog` it would shrink the queue to aiohttp's default of 128)
