@@ -33,10 +33,11 @@ now = time.perf_counter
 
 
 class Result:
-    __slots__ = ("error", "events", "gaps", "latency", "status", "ttft")
+    __slots__ = ("error", "events", "gaps", "latency", "sent", "status", "ttft")
 
     def __init__(self) -> None:
         self.status = 0
+        self.sent = -1.0  # when the request went out (for --trace)
         self.ttft = -1.0
         self.latency = -1.0
         self.events = 0
@@ -191,9 +192,19 @@ class Conn(asyncio.Protocol):
         if self.closed or self.transport is None:
             self._fail("connection closed")
             return waiter
-        self.t_start = now()
+        self.t_start = self.result.sent = now()
         self.transport.write(self.request_bytes)
         return waiter
+
+
+def write_trace(path: str, t0: float, results: list[Result]) -> None:
+    """`--trace`: the answers in the order they were sent, one line each, for a timeline of a run."""
+    lines = ["sent_s ttft_ms max_gap_ms error"]
+    for r in sorted(results, key=lambda r: r.sent):
+        sent = r.sent - t0 if r.sent >= 0 else float("nan")
+        lines.append(f"{sent:.4f} {r.ttft * 1e3:.3f} {max(r.gaps, default=0.0) * 1e3:.3f} {r.error or '-'}")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 def build_request(host: str, port: int, path: str, body: bytes, headers: list[str]) -> bytes:
@@ -382,6 +393,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         if c is not None and c.transport is not None:
             c.transport.close()
     wall = t_end - t0
+    if args.trace:
+        write_trace(args.trace, t0, results)
     ok = [r for r in results if not r.error]
     cut = [r for r in results if r.error == "cut"]
     errors = [r.error for r in results if r.error and r.error != "cut"] + connect_errors
@@ -442,6 +455,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sample-url", default="", help="GET this (JSON) with each sample, e.g. the mock's /_control")
     p.add_argument("--cut-s", type=float, default=0.0, help="stop after this long; unfinished answers count as cut")
     p.add_argument("--out", default="")
+    p.add_argument(
+        "--trace",
+        default="",
+        help="write one line per answer here: sent at (s from the start), TTFT and longest gap (ms), error",
+    )
     args = p.parse_args(argv)
     if not args.body and not args.body_file:
         p.error("--body or --body-file is needed")

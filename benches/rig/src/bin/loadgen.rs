@@ -39,6 +39,8 @@ const READ_ROOM: usize = 32 * 1024;
 #[derive(Default)]
 struct Res {
     status: u16,
+    /// When the request was sent (for `--trace`).
+    sent: Option<Instant>,
     ttft: f64,
     latency: f64,
     events: u64,
@@ -194,6 +196,7 @@ impl Conn {
             return false;
         }
         a.t_start = Instant::now();
+        a.result.sent = Some(a.t_start);
         true
     }
 
@@ -700,6 +703,22 @@ fn build_request(host: &str, port: i64, path: &str, body: &[u8], headers: &[Stri
     out
 }
 
+/// `--trace`: the answers in the order they were sent, one line each, for a timeline of a run.
+fn write_trace(path: &str, t0: Instant, results: &[Res]) -> io::Result<()> {
+    let mut rows: Vec<&Res> = results.iter().collect();
+    rows.sort_by_key(|r| r.sent);
+    let mut out = String::from("sent_s ttft_ms max_gap_ms error\n");
+    for r in rows {
+        let sent = r
+            .sent
+            .map_or(f64::NAN, |t| t.saturating_duration_since(t0).as_secs_f64());
+        let gap = r.gaps.iter().copied().fold(0.0, f64::max);
+        let err = if r.error.is_empty() { "-" } else { &r.error };
+        out += &format!("{sent:.4} {:.3} {:.3} {err}\n", r.ttft * 1e3, gap * 1e3);
+    }
+    std::fs::write(path, out)
+}
+
 const OPTS: &[Opt] = &[
     opt("host", "127.0.0.1", ""),
     Opt {
@@ -765,6 +784,11 @@ const OPTS: &[Opt] = &[
         "stop after this long; unfinished answers count as cut",
     ),
     opt("out", "", ""),
+    opt(
+        "trace",
+        "",
+        "write one line per answer here: sent at (s from the start), TTFT and longest gap (ms), error",
+    ),
 ];
 
 fn main() -> io::Result<()> {
@@ -867,6 +891,13 @@ fn main() -> io::Result<()> {
             let _ = task.await;
         }
         drop(keep); // every connection closes now, once all are done
+        let trace = args.str("trace");
+        if !trace.is_empty() {
+            if let Err(e) = write_trace(trace, t0, &sh.results.borrow()) {
+                eprintln!("loadgen: --trace {trace}: {e}");
+                std::process::exit(1);
+            }
+        }
 
         let wall = (t_end - t0).as_secs_f64();
         let results = sh.results.borrow();
