@@ -302,6 +302,111 @@ async def test_stop_holding_releases_a_held_head() -> None:
         await client.close()
 
 
+# --- pump(): the rest of a stream, from the upstream's callbacks to the client -----------------------------
+
+
+class _Writer:
+    """What pump() needs of the client response's writer (aiohttp's StreamWriter): chunked framing."""
+
+    chunked = True
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+
+    async def write(self, data: bytes) -> None:
+        self.transport.write(chunk(data))
+
+    def send_headers(self) -> None:
+        pass
+
+    async def drain(self) -> None:
+        await asyncio.sleep(0.01)
+
+
+@contextlib.asynccontextmanager
+async def client_sink() -> AsyncIterator[tuple[asyncio.Transport, bytearray]]:
+    """A real client connection: the transport pump() writes to, and what the client received through it."""
+    received = bytearray()
+    done = asyncio.Event()
+
+    async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            received.extend(data)
+        done.set()
+        writer.close()
+
+    srv = await asyncio.start_server(on_connection, "127.0.0.1", 0)
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.create_connection(asyncio.Protocol, *srv.sockets[0].getsockname()[:2])
+    try:
+        yield transport, received
+    finally:
+        transport.close()
+        await asyncio.wait_for(done.wait(), 5)
+        srv.close()
+
+
+async def pump_two_streams_over_one_connection() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for _ in range(2):
+            await read_request(reader)
+            writer.write(SSE_HEAD + chunk(ROLE) + chunk(CONTENT))
+            for _ in range(3):  # each in a read of its own, after send() returned: through the pump
+                await writer.drain()
+                await asyncio.sleep(0.02)
+                writer.write(chunk(CONTENT))
+            writer.write(chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+            await writer.drain()
+        await reader.read()
+
+    async with server(handler) as (url, connections), client_sink() as (transport, received):
+        client = Client(asyncio.get_running_loop())
+        meters: list[StreamMeter] = []
+        for i in range(2):
+            resp = await send_held(client, url, holding(meters))
+            await _Writer(transport).write(resp.take())
+            await resp.pump(_Writer(transport), transport)
+            assert resp.ended
+            assert meters[i].events == 6 and meters[i].done
+            assert resp.conn.transport is not None
+            assert resp.conn.transport.get_protocol() is resp.conn  # the pump handed the connection back
+        await client.close()
+        await asyncio.sleep(0.05)
+    assert connections[0] == 1  # reused after each stream
+    assert unchunk(bytes(received)) == (ROLE + CONTENT * 4 + b"data: [DONE]\n\n") * 2
+
+
+async def test_pump_relays_every_read_and_hands_the_connection_back() -> None:
+    await pump_two_streams_over_one_connection()
+
+
+def test_pump_relays_every_read_and_hands_the_connection_back_on_uvloop() -> None:
+    uvloop = pytest.importorskip("uvloop")
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(pump_two_streams_over_one_connection())
+
+
+async def test_a_break_in_the_pump_is_an_upstream_error_and_the_connection_is_dropped() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(SSE_HEAD + chunk(ROLE) + chunk(CONTENT))
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(chunk(CONTENT) + b"zz\r\n")  # a good chunk, then a broken chunk size
+        await writer.drain()
+        await reader.read()
+
+    async with server(handler) as (url, _), client_sink() as (transport, received):
+        client = Client(asyncio.get_running_loop())
+        resp = await send_held(client, url, holding([]))
+        await _Writer(transport).write(resp.take())
+        with pytest.raises(UpstreamError, match="malformed"):
+            await asyncio.wait_for(resp.pump(_Writer(transport), transport), 5)
+        assert resp.conn.dead
+        await client.close()
+    assert bytes(received).startswith(chunk(ROLE + CONTENT))
+
+
 # --- StreamMeter.feed_wire: the framing of what the client receives ---------------------------------------
 
 

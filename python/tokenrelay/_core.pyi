@@ -1,6 +1,6 @@
 """Type stubs for the Rust extension `tokenrelay._core` (one section per module)."""
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar, Literal, Self, final
 
 __all__: list[str]
@@ -45,6 +45,41 @@ class Usage:
     def reasoning_source(self) -> _Source: ...
     def to_dict(self) -> dict[str, int | str]:
         """All ten fields."""
+
+PUMP_END: int
+PUMP_MALFORMED: int
+PUMP_CLIENT_GONE: int
+PUMP_PAUSED: int
+
+@final
+class Pump:
+    """The relay of a stream's upstream reads to the client, as the upstream transport's protocol: each read is
+    metered (`meter.feed_wire`) and written to the client (`write`) in Rust, with no Python frame per read.
+
+    Per read: `response.last_read = time()`; then `on_event(kind, arg)` when the body ends (PUMP_END, arg:
+    `wire_excess`), the framing is malformed (PUMP_MALFORMED, arg: the message), `write` raised RuntimeError or
+    OSError (PUMP_CLIENT_GONE, arg: the exception) or `buffered()` went past `high` (PUMP_PAUSED, once until
+    `resume()`). After the first three, reads go to `protocol`, as do `eof_received`, `connection_lost`,
+    `pause_writing` and `resume_writing` all along.
+    """
+
+    def __new__(
+        cls,
+        meter: StreamMeter,
+        response: object,
+        time: Callable[[], float],
+        write: Callable[[bytes], object],
+        buffered: Callable[[], int],
+        high: int,
+        protocol: object,
+        on_event: Callable[[int, Any], object],
+    ) -> Self: ...
+    def data_received(self, data: bytes) -> None: ...
+    def resume(self) -> None: ...
+    def eof_received(self) -> bool | None: ...
+    def connection_lost(self, exc: BaseException | None) -> None: ...
+    def pause_writing(self) -> None: ...
+    def resume_writing(self) -> None: ...
 
 @final
 class StreamMeter:

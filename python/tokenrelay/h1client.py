@@ -3,7 +3,8 @@
 Why not aiohttp's client (what tokenrelay used first): per request it builds a request object, a URL, a
 timer set and a StreamReader, and every chunk of a stream wakes the handler task through a future. Here a
 streamed body goes from the upstream connection's `data_received` through the meter (`StreamMeter.feed_wire`,
-which also decodes the upstream's chunked framing) straight to the client's transport, in one callback; a run of
+which also decodes the upstream's chunked framing) straight to the client's transport, in one callback, and that
+callback is Rust's (`Pump`: the connection's protocol while it streams, so no Python frame runs per read); a run of
 whole upstream chunks is written to the client as it came, with no copy. The handler task only wakes at the end
 of the body, on an error, or to wait for a slow client to drain.
 
@@ -22,12 +23,21 @@ import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 from urllib.parse import urlsplit
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from tokenrelay._core import BodyDecoder, StreamMeter, parse_response_head
+from tokenrelay._core import (
+    PUMP_CLIENT_GONE,
+    PUMP_END,
+    PUMP_MALFORMED,
+    PUMP_PAUSED,
+    BodyDecoder,
+    Pump,
+    StreamMeter,
+    parse_response_head,
+)
 
 # Idle keep-alive connections are closed after this long (servers usually close theirs sooner).
 KEEPALIVE_S = 60.0
@@ -488,18 +498,77 @@ class Response:
         high = client.get_write_buffer_limits()[1]
         upstream = self.conn.transport
         assert upstream is not None
-        write = client.write
-        buffered = client.get_write_buffer_size
-        wire = feed.feed_wire
-        time = self.time
         paused = False
         gone: list[BaseException] = []
+        pump: Pump | None = None
+        as_protocol: asyncio.BaseProtocol | None = None  # the pump, as the transport sees it (a duck-typed protocol)
+
+        def on_event(kind: int, arg: Any) -> None:
+            nonlocal paused
+            if kind == PUMP_PAUSED:
+                if paused:
+                    return
+                paused = True
+                upstream.pause_reading()
+                self.wake()
+                return
+            upstream.set_protocol(self.conn)  # (before `_end()` can put the connection back in the pool)
+            if kind == PUMP_END:
+                self._excess = bool(arg)
+                self._end()
+            elif kind == PUMP_MALFORMED:
+                self._fail(UpstreamError(f"malformed stream: {arg}"))
+            else:
+                gone.append(arg)
+                self.close()
+
+        if isinstance(feed, StreamMeter):
+            # The reads go from the event loop to Rust and on to the client: the connection's protocol is the
+            # pump until the body ends (see `Pump`).
+            pump = Pump(
+                feed,
+                self,
+                self.time,
+                client.write,
+                client.get_write_buffer_size,
+                high,
+                self.conn,
+                on_event,
+            )
+            as_protocol = cast(asyncio.BaseProtocol, pump)
+            upstream.set_protocol(as_protocol)
+        else:
+            self.sink = self._push(feed, client, high, on_event)
+        try:
+            while not self._ended:
+                await self._wait(None)
+                if paused and not self._ended:
+                    await writer.drain()
+                    paused = False
+                    if pump is not None:
+                        pump.resume()
+                    if not self._ended:
+                        upstream.resume_reading()
+        finally:
+            if as_protocol is not None and upstream.get_protocol() is as_protocol:
+                upstream.set_protocol(self.conn)
+        if gone:
+            raise ConnectionResetError(f"the client went away: {gone[0]}")
+        if self._error is not None:
+            raise self._error
+
+    def _push(
+        self, feed: _WireFeed, client: asyncio.Transport, high: int, on_event: Callable[[int, Any], None]
+    ) -> Callable[[bytes], None]:
+        """`Pump` in Python, for a feed that is not a StreamMeter (`_Inflating`: a compressed stream)."""
+        write = client.write
+        buffered = client.get_write_buffer_size
+        time = self.time
 
         def push(data: bytes) -> None:
-            nonlocal paused
             self.last_read = time()
             try:
-                out = wire(data)
+                out = feed.feed_wire(data)
             except (ValueError, zlib.error) as exc:
                 self._fail(UpstreamError(f"malformed stream: {exc}"))
                 return
@@ -509,29 +578,15 @@ class Response:
                 elif out:
                     write(out)
             except (RuntimeError, OSError) as exc:  # the client's transport is closed
-                gone.append(exc)
-                self.close()
+                on_event(PUMP_CLIENT_GONE, exc)
                 return
             if feed.wire_done:
                 self._excess = feed.wire_excess
                 self._end()
-            elif buffered() > high and not paused:
-                paused = True
-                upstream.pause_reading()
-                self.wake()
+            elif buffered() > high:
+                on_event(PUMP_PAUSED, None)  # (once until drained: the pump ignores it while paused)
 
-        self.sink = push
-        while not self._ended:
-            await self._wait(None)
-            if paused and not self._ended:
-                await writer.drain()
-                paused = False
-                if not self._ended:
-                    upstream.resume_reading()
-        if gone:
-            raise ConnectionResetError(f"the client went away: {gone[0]}")
-        if self._error is not None:
-            raise self._error
+        return push
 
 
 class _Inflating:

@@ -1,6 +1,7 @@
 //! Python glue for the stream meter: `Usage`, `StreamMeter`, `decode_body`. No logic lives here.
 
-use pyo3::exceptions::PyValueError;
+use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
+use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyDict};
@@ -114,6 +115,18 @@ pub struct PyStreamMeter {
 }
 
 impl PyStreamMeter {
+    /// `feed_wire` without the Python object for its answer (`Pump` writes it itself).
+    fn feed_wire_bytes(&mut self, py: Python<'_>, data: &[u8]) -> PyResult<Option<Vec<u8>>> {
+        let Some(wire) = self.wire.as_mut() else {
+            return Err(PyValueError::new_err("feed_wire() before frame()"));
+        };
+        let out = wire
+            .feed(&mut self.core, data)
+            .map_err(super::h1::h1_error)?;
+        self.stamp_first_token(py)?;
+        Ok(out)
+    }
+
     /// Records `time.monotonic_ns()` (the caller's own clock, read once per request) when content starts.
     fn stamp_first_token(&mut self, py: Python<'_>) -> PyResult<()> {
         if self.first_token_ns.is_none() && self.core.content_started() {
@@ -188,13 +201,7 @@ impl PyStreamMeter {
         py: Python<'py>,
         data: &[u8],
     ) -> PyResult<Option<Bound<'py, PyBytes>>> {
-        let Some(wire) = self.wire.as_mut() else {
-            return Err(PyValueError::new_err("feed_wire() before frame()"));
-        };
-        let out = wire
-            .feed(&mut self.core, data)
-            .map_err(super::h1::h1_error)?;
-        self.stamp_first_token(py)?;
+        let out = self.feed_wire_bytes(py, data)?;
         Ok(out.map(|b| PyBytes::new(py, &b)))
     }
 
@@ -319,9 +326,159 @@ fn decode_body(
     )))
 }
 
+/// What a `Pump` tells its owner, `on_event(kind, arg)`: the body ended (`arg`: bytes came after it), ...
+const PUMP_END: u8 = 0;
+/// ... the upstream's framing was malformed (`arg`: the message), ...
+const PUMP_MALFORMED: u8 = 1;
+/// ... writing to the client failed (`arg`: the exception: its transport is closed), ...
+const PUMP_CLIENT_GONE: u8 = 2;
+/// ... or the client's write buffer went past the high-water mark (`arg`: None; `resume()` once it drained).
+const PUMP_PAUSED: u8 = 3;
+
+/// The relay of a stream's upstream reads to the client, as the upstream transport's protocol: the event loop
+/// calls `data_received` here, and each read is metered (`StreamMeter.feed_wire`) and written to the client
+/// without a Python frame in between. The other protocol calls go to the connection's own protocol.
+///
+/// After END, MALFORMED or CLIENT_GONE it relays nothing more (reads go to the connection's protocol); the owner
+/// puts that protocol back on the transport.
+#[pyclass(module = "tokenrelay._core", name = "Pump")]
+pub struct PyPump {
+    meter: Py<PyStreamMeter>,
+    /// The upstream response: its `last_read` is set to `time()` at each read (the watchdog's idle clock).
+    response: Py<PyAny>,
+    time: Py<PyAny>,
+    write: Py<PyAny>,
+    buffered: Py<PyAny>,
+    high: usize,
+    protocol: Py<PyAny>,
+    on_event: Py<PyAny>,
+    paused: bool,
+    over: bool,
+}
+
+impl PyPump {
+    fn report(&mut self, py: Python<'_>, kind: u8, arg: Py<PyAny>) -> PyResult<()> {
+        self.over = kind != PUMP_PAUSED;
+        self.on_event.call1(py, (kind, arg)).map(drop)
+    }
+}
+
+#[pymethods]
+impl PyPump {
+    #[new]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        meter: Py<PyStreamMeter>,
+        response: Py<PyAny>,
+        time: Py<PyAny>,
+        write: Py<PyAny>,
+        buffered: Py<PyAny>,
+        high: usize,
+        protocol: Py<PyAny>,
+        on_event: Py<PyAny>,
+    ) -> Self {
+        PyPump {
+            meter,
+            response,
+            time,
+            write,
+            buffered,
+            high,
+            protocol,
+            on_event,
+            paused: false,
+            over: false,
+        }
+    }
+
+    fn data_received(&mut self, py: Python<'_>, data: &Bound<'_, PyBytes>) -> PyResult<()> {
+        if self.over {
+            return self
+                .protocol
+                .call_method1(py, intern!(py, "data_received"), (data,))
+                .map(drop);
+        }
+        let now = self.time.call0(py)?;
+        self.response.setattr(py, intern!(py, "last_read"), now)?;
+        let fed = self
+            .meter
+            .bind(py)
+            .borrow_mut()
+            .feed_wire_bytes(py, data.as_bytes());
+        let written = match fed {
+            Err(e) => {
+                let message = e.value(py).str()?.unbind().into_any();
+                return self.report(py, PUMP_MALFORMED, message);
+            }
+            Ok(None) => self.write.call1(py, (data,)),
+            Ok(Some(out)) if out.is_empty() => Ok(py.None()),
+            Ok(Some(out)) => self.write.call1(py, (PyBytes::new(py, &out),)),
+        };
+        if let Err(e) = written {
+            if e.is_instance_of::<PyRuntimeError>(py) || e.is_instance_of::<PyOSError>(py) {
+                return self.report(py, PUMP_CLIENT_GONE, e.into_value(py).into_any());
+            }
+            return Err(e);
+        }
+        let (done, excess) = {
+            let meter = self.meter.bind(py).borrow();
+            let wire = meter.wire.as_ref();
+            (
+                wire.is_some_and(Framed::done),
+                wire.is_some_and(Framed::excess),
+            )
+        };
+        if done {
+            let excess = pyo3::types::PyBool::new(py, excess)
+                .to_owned()
+                .unbind()
+                .into_any();
+            return self.report(py, PUMP_END, excess);
+        }
+        if !self.paused && self.buffered.call0(py)?.extract::<usize>(py)? > self.high {
+            self.paused = true;
+            return self.report(py, PUMP_PAUSED, py.None());
+        }
+        Ok(())
+    }
+
+    /// The client's buffer drained: a later read past the high-water mark reports PAUSED again.
+    fn resume(&mut self) {
+        self.paused = false;
+    }
+
+    fn eof_received(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        self.protocol.call_method0(py, intern!(py, "eof_received"))
+    }
+
+    fn connection_lost(&mut self, py: Python<'_>, exc: Py<PyAny>) -> PyResult<()> {
+        self.over = true;
+        self.protocol
+            .call_method1(py, intern!(py, "connection_lost"), (exc,))
+            .map(drop)
+    }
+
+    fn pause_writing(&self, py: Python<'_>) -> PyResult<()> {
+        self.protocol
+            .call_method0(py, intern!(py, "pause_writing"))
+            .map(drop)
+    }
+
+    fn resume_writing(&self, py: Python<'_>) -> PyResult<()> {
+        self.protocol
+            .call_method0(py, intern!(py, "resume_writing"))
+            .map(drop)
+    }
+}
+
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyUsage>()?;
     m.add_class::<PyStreamMeter>()?;
+    m.add_class::<PyPump>()?;
+    m.add("PUMP_END", PUMP_END)?;
+    m.add("PUMP_MALFORMED", PUMP_MALFORMED)?;
+    m.add("PUMP_CLIENT_GONE", PUMP_CLIENT_GONE)?;
+    m.add("PUMP_PAUSED", PUMP_PAUSED)?;
     m.add_function(wrap_pyfunction!(decode_body, m)?)?;
     Ok(())
 }
