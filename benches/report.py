@@ -66,6 +66,10 @@ def markdown(meta: dict[str, Any], records: list[Rec], names: list[str]) -> str:
     w = out.append
     w(f"Run: `{meta['command']}` — {meta['date']}, {meta['elapsed_s'] / 60:.1f} min.  ")
     w(f"Machine: {meta['machine']}.  ")
+    if meta.get("noise"):
+        import noise  # benches/noise.py
+
+        w(f"Machine noise (`benches/noise.py`): {noise.describe(meta['noise'])}.  ")
     w(
         f"nginx {meta.get('nginx_version') or '?'}, LiteLLM {meta['litellm_version']}, mock: `{meta['mock']}`, rig: "
         f"`{meta.get('rig', 'python')}`; "

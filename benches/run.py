@@ -759,6 +759,11 @@ def main(argv: list[str] | None = None) -> int:
         mock_cmd = [sys.executable, "-m", "tokenrelay.mock", "--port", str(mock_port), "--usage", "true"]
     mock_name = "tokenrelay.mock" if args.mock == "aiohttp" else Path(fastmock_cmd[-1]).name
     log(f"rig: {rig} (mock {mock_name}, load generator {Path(loadgen_cmd[-1]).name})")
+    # How steady the cores are, before anything runs: the context a p99 is read in (see benches/noise.py).
+    import noise  # benches/noise.py
+
+    machine_noise = noise.measure(3.0 if args.quick else 5.0, list(range(min(os.cpu_count() or 1, 2))))
+    log(f"machine noise: {noise.describe(machine_noise)}")
     mock = Proc([*taskset(CORE_RIG), *mock_cmd], work / "mock.log")
     bench = Bench(work, out, mock_port, f"http://127.0.0.1:{mock_port}/_control", loadgen_cmd)
     baseline: dict[str, list[dict[int, int]]] = {}
@@ -838,6 +843,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python benches/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": machine(),
+        "noise": machine_noise,
         "elapsed_s": elapsed,
         "plan": vars(plan),
         "mock": args.mock,
