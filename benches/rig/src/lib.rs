@@ -1,11 +1,15 @@
-//! What the two rig binaries (`fastmock`, `loadgen`) share: a command line parsed the way the Python rig's
-//! `argparse` parses it, so that `run.py` can start either rig with the same arguments, and the file-descriptor
-//! limit raised to its hard maximum.
+//! What the rig binaries (`fastmock`, `loadgen`, `relayfloor`) share: a command line parsed the way the Python
+//! rig's `argparse` parses it, so that `run.py` can start either rig with the same arguments, the file-descriptor
+//! limit raised to its hard maximum, and the servers' listen-and-accept loop.
 
 use std::collections::HashMap;
-use std::io;
+use std::future::Future;
+use std::io::{self, Write as _};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::process::exit;
+use std::time::Duration;
+
+use tokio::net::{TcpSocket, TcpStream};
 
 /// How many values an option takes (argparse's `nargs`/`action`).
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -33,6 +37,16 @@ pub const fn opt(name: &'static str, default: &'static str, help: &'static str) 
         kind: Kind::One,
         default: Some(default),
         help,
+    }
+}
+
+/// A [`Kind::One`] option with no default: the command line must give it.
+pub const fn required(name: &'static str) -> Opt {
+    Opt {
+        name,
+        kind: Kind::One,
+        default: None,
+        help: "",
     }
 }
 
@@ -192,12 +206,17 @@ impl Args {
     /// `--host` and `--port` (both binaries have them) resolved to one address; a port out of range is a usage
     /// error, as argparse would make it.
     pub fn socket_addr(&self) -> io::Result<SocketAddr> {
-        let host = self.str("host");
-        let Ok(port) = u16::try_from(self.i64("port")) else {
-            self.error("argument --port: out of range")
+        self.socket_addr_of("host", "port")
+    }
+
+    /// The address given by the options `host` and `port` (e.g. `upstream-host`, `upstream-port`).
+    pub fn socket_addr_of(&self, host: &str, port: &str) -> io::Result<SocketAddr> {
+        let name = self.str(host);
+        let Ok(number) = u16::try_from(self.i64(port)) else {
+            self.error(&format!("argument --{port}: out of range"))
         };
-        (host, port).to_socket_addrs()?.next().ok_or_else(|| {
-            io::Error::new(io::ErrorKind::NotFound, format!("no address for {host}"))
+        (name, number).to_socket_addrs()?.next().ok_or_else(|| {
+            io::Error::new(io::ErrorKind::NotFound, format!("no address for {name}"))
         })
     }
 
@@ -277,6 +296,44 @@ pub fn raise_nofile() {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
             lim.rlim_cur = lim.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+/// Listens on `addr` (queue `backlog`), prints `{what} listening on http://{host}:{port}{note}` once bound, and
+/// runs `serve` on every accepted connection (TCP_NODELAY set) as a task of the current `LocalSet`. Never returns
+/// but on a listen error.
+pub async fn listen_and_serve<F, Fut>(
+    addr: SocketAddr,
+    backlog: u32,
+    what: &str,
+    note: &str,
+    mut serve: F,
+) -> io::Result<()>
+where
+    F: FnMut(TcpStream) -> Fut,
+    Fut: Future<Output = ()> + 'static,
+{
+    let sock = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    sock.set_reuseaddr(true)?;
+    sock.bind(addr)?;
+    let listener = sock.listen(backlog)?;
+    let port = listener.local_addr()?.port();
+    let mut out = io::stdout();
+    writeln!(out, "{what} listening on http://{}:{port}{note}", addr.ip())?;
+    out.flush()?;
+    loop {
+        match listener.accept().await {
+            Ok((s, _)) => {
+                let _ = s.set_nodelay(true);
+                tokio::task::spawn_local(serve(s));
+            }
+            // out of file descriptors, say: wait for some to be freed rather than spin
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
         }
     }
 }

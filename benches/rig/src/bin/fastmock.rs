@@ -29,9 +29,9 @@ use tokio::time::Instant;
 
 use memchr::memmem;
 use serde_json::{json, Map, Value};
-use tokenrelay_bench_rig::{opt, raise_nofile, Args, Opt};
+use tokenrelay_bench_rig::{listen_and_serve, opt, raise_nofile, Args, Opt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 
 const TEXT: &str = "the quick brown fox jumps over a lazy dog while agents stream tokens through a relay that meters \
                     every one of them and balances load across many deployments without dropping a byte";
@@ -629,7 +629,6 @@ const OPTS: &[Opt] = &[
 fn main() -> io::Result<()> {
     let args = Args::parse("A lean mock provider for the benchmarks (compiled).", OPTS);
     raise_nofile();
-    let host = args.str("host").to_string();
     let state = Rc::new(State::new(Behaviour {
         tokens: args.i64("tokens"),
         delay_ms: args.f64("delay-ms"),
@@ -641,28 +640,8 @@ fn main() -> io::Result<()> {
         .enable_all()
         .build()?;
     let local = tokio::task::LocalSet::new();
-    local.block_on(&rt, async move {
-        let sock = if addr.is_ipv4() {
-            TcpSocket::new_v4()?
-        } else {
-            TcpSocket::new_v6()?
-        };
-        sock.set_reuseaddr(true)?;
-        sock.bind(addr)?;
-        let listener = sock.listen(8192)?;
-        let port = listener.local_addr()?.port();
-        let mut out = io::stdout();
-        writeln!(out, "mock listening on http://{host}:{port}")?;
-        out.flush()?;
-        loop {
-            match listener.accept().await {
-                Ok((s, _)) => {
-                    let _ = s.set_nodelay(true);
-                    tokio::task::spawn_local(serve(state.clone(), s));
-                }
-                // out of file descriptors, say: wait for some to be freed rather than spin
-                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-            }
-        }
-    })
+    local.block_on(
+        &rt,
+        listen_and_serve(addr, 8192, "mock", "", |s| serve(state.clone(), s)),
+    )
 }

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use memchr::{memchr_iter, memmem};
 use serde_json::{json, Map, Value};
-use tokenrelay_bench_rig::{opt, raise_nofile, Args, Kind, Opt};
+use tokenrelay_bench_rig::{opt, raise_nofile, required, Args, Kind, Opt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
@@ -721,12 +721,7 @@ fn write_trace(path: &str, t0: Instant, results: &[Res]) -> io::Result<()> {
 
 const OPTS: &[Opt] = &[
     opt("host", "127.0.0.1", ""),
-    Opt {
-        name: "port",
-        kind: Kind::One,
-        default: None,
-        help: "",
-    },
+    required("port"),
     opt("path", "/v1/chat/completions", ""),
     opt("body", "", ""),
     opt("body-file", "", ""),
