@@ -143,6 +143,9 @@ def test_signals_are_forwarded_to_the_command(priced: Daemon, sig: signal.Signal
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, **AGENT_ENV},
+        # As from a terminal: a suite started in the background by a shell (`cmd &`) inherits SIGINT ignored, and
+        # so would the agent, which would then sleep through the forwarded SIGINT.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     assert proc.stdout is not None
     for line in proc.stdout:
