@@ -512,7 +512,8 @@ class Response:
                 upstream.pause_reading()
                 self.wake()
                 return
-            upstream.set_protocol(self.conn)  # (before `_end()` can put the connection back in the pool)
+            if as_protocol is not None:
+                upstream.set_protocol(self.conn)  # (before `_end()` can put the connection back in the pool)
             if kind == PUMP_END:
                 self._excess = bool(arg)
                 self._end()
@@ -560,17 +561,19 @@ class Response:
     def _push(
         self, feed: _WireFeed, client: asyncio.Transport, high: int, on_event: Callable[[int, Any], None]
     ) -> Callable[[bytes], None]:
-        """`Pump` in Python, for a feed that is not a StreamMeter (`_Inflating`: a compressed stream)."""
+        """`Pump` in Python, for a feed that is not a StreamMeter (`_Inflating`: a compressed stream); it reports
+        to `on_event` as the pump does."""
         write = client.write
         buffered = client.get_write_buffer_size
+        wire = feed.feed_wire
         time = self.time
 
         def push(data: bytes) -> None:
             self.last_read = time()
             try:
-                out = feed.feed_wire(data)
+                out = wire(data)
             except (ValueError, zlib.error) as exc:
-                self._fail(UpstreamError(f"malformed stream: {exc}"))
+                on_event(PUMP_MALFORMED, exc)
                 return
             try:
                 if out is None:
@@ -581,8 +584,7 @@ class Response:
                 on_event(PUMP_CLIENT_GONE, exc)
                 return
             if feed.wire_done:
-                self._excess = feed.wire_excess
-                self._end()
+                on_event(PUMP_END, feed.wire_excess)
             elif buffered() > high:
                 on_event(PUMP_PAUSED, None)  # (once until drained: the pump ignores it while paused)
 

@@ -358,7 +358,9 @@ pub struct PyPump {
 
 impl PyPump {
     fn report(&mut self, py: Python<'_>, kind: u8, arg: Py<PyAny>) -> PyResult<()> {
-        self.over = kind != PUMP_PAUSED;
+        if kind != PUMP_PAUSED {
+            self.over = true;
+        }
         self.on_event.call1(py, (kind, arg)).map(drop)
     }
 }
@@ -400,11 +402,17 @@ impl PyPump {
         }
         let now = self.time.call0(py)?;
         self.response.setattr(py, intern!(py, "last_read"), now)?;
-        let fed = self
-            .meter
-            .bind(py)
-            .borrow_mut()
-            .feed_wire_bytes(py, data.as_bytes());
+        // One borrow of the meter per read: its answer, and whether the body ended with it.
+        let (fed, done, excess) = {
+            let mut meter = self.meter.bind(py).borrow_mut();
+            let fed = meter.feed_wire_bytes(py, data.as_bytes());
+            let wire = meter.wire.as_ref();
+            (
+                fed,
+                wire.is_some_and(Framed::done),
+                wire.is_some_and(Framed::excess),
+            )
+        };
         let written = match fed {
             Err(e) => {
                 let message = e.value(py).str()?.unbind().into_any();
@@ -420,14 +428,6 @@ impl PyPump {
             }
             return Err(e);
         }
-        let (done, excess) = {
-            let meter = self.meter.bind(py).borrow();
-            let wire = meter.wire.as_ref();
-            (
-                wire.is_some_and(Framed::done),
-                wire.is_some_and(Framed::excess),
-            )
-        };
         if done {
             let excess = pyo3::types::PyBool::new(py, excess)
                 .to_owned()
