@@ -62,6 +62,22 @@ def answer_once(raw: bytes) -> Handler:
     return handler
 
 
+def answer_in_two(first: bytes, then: bytes, gap_s: float) -> Handler:
+    """A handler that answers one request with `first`, then `gap_s` later with `then` (a read of its own), and
+    keeps the connection open."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(first)
+        await writer.drain()
+        await asyncio.sleep(gap_s)
+        writer.write(then)
+        await writer.drain()
+        await reader.read()
+
+    return handler
+
+
 def chunk(data: bytes) -> bytes:
     return b"%x\r\n%b\r\n" % (len(data), data)
 
@@ -238,15 +254,7 @@ async def test_a_held_head_returns_once_content_arrives() -> None:
     event) are metered in the callbacks, and all of it is there to `take()`."""
     gap_s = 0.3
 
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(SSE_HEAD + chunk(ROLE))
-        await writer.drain()
-        await asyncio.sleep(gap_s)
-        writer.write(chunk(CONTENT) + b"0\r\n\r\n")
-        await writer.drain()
-        await reader.read()
-
+    handler = answer_in_two(SSE_HEAD + chunk(ROLE), chunk(CONTENT) + b"0\r\n\r\n", gap_s)
     async with server(handler) as (url, _):
         loop = asyncio.get_running_loop()
         client = Client(loop)
@@ -260,15 +268,7 @@ async def test_a_held_head_returns_once_content_arrives() -> None:
 
 
 async def test_a_break_during_the_hold_is_raised_by_take_after_what_came_before() -> None:
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(SSE_HEAD + chunk(ROLE))
-        await writer.drain()
-        await asyncio.sleep(0.1)
-        writer.write(b"zz\r\n")  # a broken chunk size, in a read of its own
-        await writer.drain()
-        await reader.read()
-
+    handler = answer_in_two(SSE_HEAD + chunk(ROLE), b"zz\r\n", 0.1)  # then a broken chunk size
     async with server(handler) as (url, _):
         client = Client(asyncio.get_running_loop())
         resp = await send_held(client, url, holding([]))
@@ -387,15 +387,8 @@ def test_pump_relays_every_read_and_hands_the_connection_back_on_uvloop() -> Non
 
 
 async def test_a_break_in_the_pump_is_an_upstream_error_and_the_connection_is_dropped() -> None:
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(SSE_HEAD + chunk(ROLE) + chunk(CONTENT))
-        await writer.drain()
-        await asyncio.sleep(0.05)
-        writer.write(chunk(CONTENT) + b"zz\r\n")  # a good chunk, then a broken chunk size
-        await writer.drain()
-        await reader.read()
-
+    # a good chunk, then a broken chunk size, after send() returned: through the pump
+    handler = answer_in_two(SSE_HEAD + chunk(ROLE) + chunk(CONTENT), chunk(CONTENT) + b"zz\r\n", 0.05)
     async with server(handler) as (url, _), client_sink() as (transport, received):
         client = Client(asyncio.get_running_loop())
         resp = await send_held(client, url, holding([]))
