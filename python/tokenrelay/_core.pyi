@@ -81,6 +81,41 @@ class Pump:
     def pause_writing(self) -> None: ...
     def resume_writing(self) -> None: ...
 
+RELAY_END: int
+RELAY_MALFORMED: int
+RELAY_CLIENT_GONE: int
+RELAY_BROKEN: int
+RELAY_CANCELLED: int
+
+@final
+class Plane:
+    """The worker's data plane thread: relays committed streams from an upstream socket to a client socket,
+    metering each read, without the event loop or the GIL."""
+
+    def __new__(cls) -> Self: ...
+    def fileno(self) -> int: ...
+    def relay(self, meter: StreamMeter, upstream_fd: int, client_fd: int, high: int) -> Relay:
+        """Duplicates both descriptors; the caller must not read the upstream or write the client until the
+        relay's kind comes from `completed()`."""
+    def completed(self) -> list[tuple[int, int, Any, bytes]]:
+        """(id, kind, arg, rest) of each relay finished since the last call: RELAY_END (arg: the connection is
+        reusable), RELAY_MALFORMED / RELAY_CLIENT_GONE / RELAY_BROKEN (arg: the message), RELAY_CANCELLED (None);
+        `rest`: bytes not yet written to the client (the caller's to write, in order)."""
+    def close(self) -> None: ...
+
+@final
+class Relay:
+    @property
+    def id(self) -> int: ...
+    @property
+    def last_read(self) -> float:
+        """When the last upstream read arrived, in `time.monotonic()` seconds."""
+    @property
+    def buffered(self) -> int:
+        """Bytes read from the upstream that the client has not taken yet."""
+    def cancel(self) -> None:
+        """Once this returns nothing more is metered or written to the client."""
+
 @final
 class StreamMeter:
     """Meters one streamed response: SSE split, usage/delta extraction. Feed every raw upstream read in order.

@@ -10,6 +10,7 @@ pub mod body;
 pub mod events;
 pub mod h1;
 pub mod meter;
+pub mod plane;
 pub mod sse;
 pub mod tokens;
 pub mod translate;

@@ -6,6 +6,7 @@ mod balance;
 mod body;
 mod h1;
 mod meter;
+mod plane;
 mod stream;
 mod tokens;
 mod translate;
@@ -38,6 +39,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     meter::register(m)?;
     translate::register(m)?;
     h1::register(m)?;
+    plane::register(m)?;
     body::register(m)?;
     Ok(())
 }

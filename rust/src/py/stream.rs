@@ -3,11 +3,12 @@
 use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyDict};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::api::Api;
 use crate::events::{self, Framed, StreamMeter, Usage};
+use crate::plane::{self, FeedError, Metered, SharedMeter};
 use crate::translate::unix_now;
 
 fn parse_api(name: &str, allow_embeddings: bool) -> PyResult<Api> {
@@ -106,36 +107,22 @@ impl PyUsage {
 }
 
 /// Meters one streamed response; fed every raw upstream read in order.
-#[pyclass(module = "tokenrelay._core", name = "StreamMeter")]
+///
+/// Its state is shared with the data plane (`Plane.relay`), which feeds it from its own thread: every method
+/// locks it (uncontended but for a relay in progress) and none waits for the GIL while holding the lock.
+#[pyclass(frozen, module = "tokenrelay._core", name = "StreamMeter")]
 pub struct PyStreamMeter {
-    core: StreamMeter,
-    first_token_ns: Option<u64>,
-    /// The upstream body's framing, once `frame()` was called: `feed_wire` takes wire bytes.
-    wire: Option<Framed>,
+    pub(crate) inner: SharedMeter,
 }
 
 impl PyStreamMeter {
-    /// `feed_wire` without the Python object for its answer (`Pump` writes it itself).
-    fn feed_wire_bytes(&mut self, py: Python<'_>, data: &[u8]) -> PyResult<Option<Vec<u8>>> {
-        let Some(wire) = self.wire.as_mut() else {
-            return Err(PyValueError::new_err("feed_wire() before frame()"));
-        };
-        let out = wire
-            .feed(&mut self.core, data)
-            .map_err(super::h1::h1_error)?;
-        self.stamp_first_token(py)?;
-        Ok(out)
+    fn m(&self) -> MutexGuard<'_, Metered> {
+        plane::lock(&self.inner)
     }
+}
 
-    /// Records `time.monotonic_ns()` (the caller's own clock, read once per request) when content starts.
-    fn stamp_first_token(&mut self, py: Python<'_>) -> PyResult<()> {
-        if self.first_token_ns.is_none() && self.core.content_started() {
-            static MONOTONIC_NS: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
-            let now = MONOTONIC_NS.import(py, "time", "monotonic_ns")?.call0()?;
-            self.first_token_ns = Some(now.extract()?);
-        }
-        Ok(())
-    }
+fn feed_error(e: FeedError) -> PyErr {
+    PyValueError::new_err(e.to_string())
 }
 
 #[pymethods]
@@ -163,28 +150,26 @@ impl PyStreamMeter {
             _ => StreamMeter::new(upstream, model, strip_usage),
         };
         Ok(PyStreamMeter {
-            core,
-            first_token_ns: None,
-            wire: None,
+            inner: Arc::new(Mutex::new(Metered::new(core))),
         })
     }
 
     /// From now on `feed_wire` takes the upstream's wire bytes, delimited by `framing` ("chunked", "length" with
     /// `length`, "close").
     #[pyo3(signature = (framing, length = 0))]
-    fn frame(&mut self, framing: &str, length: u64) -> PyResult<()> {
-        self.wire = Some(Framed::new(super::h1::framing_arg(framing, length)?));
+    fn frame(&self, framing: &str, length: u64) -> PyResult<()> {
+        self.m().wire = Some(Framed::new(super::h1::framing_arg(framing, length)?));
         Ok(())
     }
 
     /// Whether `feed_wire` returns chunked framing for the client (set once the client's response is chunked).
     #[getter]
     fn client_chunked(&self) -> bool {
-        self.wire.as_ref().is_some_and(Framed::client_chunked)
+        self.m().wire.as_ref().is_some_and(Framed::client_chunked)
     }
     #[setter]
-    fn set_client_chunked(&mut self, value: bool) -> PyResult<()> {
-        match self.wire.as_mut() {
+    fn set_client_chunked(&self, value: bool) -> PyResult<()> {
+        match self.m().wire.as_mut() {
             Some(wire) => {
                 wire.set_client_chunked(value);
                 Ok(())
@@ -197,17 +182,17 @@ impl PyStreamMeter {
     /// (a clean run of whole chunks, or an unframed payload, unedited); else the bytes to write instead, framed
     /// for the client. ValueError on malformed framing.
     fn feed_wire<'py>(
-        &mut self,
+        &self,
         py: Python<'py>,
         data: &[u8],
     ) -> PyResult<Option<Bound<'py, PyBytes>>> {
-        let out = self.feed_wire_bytes(py, data)?;
+        let out = self.m().feed_wire(data).map_err(feed_error)?;
         Ok(out.map(|b| PyBytes::new(py, &b)))
     }
 
     /// The upstream connection closed: completes a body read to the close; ValueError if the body is incomplete.
-    fn wire_close(&mut self) -> PyResult<()> {
-        match self.wire.as_mut() {
+    fn wire_close(&self) -> PyResult<()> {
+        match self.m().wire.as_mut() {
             Some(wire) => wire.close().map_err(super::h1::h1_error),
             None => Ok(()),
         }
@@ -216,92 +201,106 @@ impl PyStreamMeter {
     /// The upstream body has been read to its end.
     #[getter]
     fn wire_done(&self) -> bool {
-        self.wire.as_ref().is_some_and(Framed::done)
+        self.m().wire.as_ref().is_some_and(Framed::done)
     }
 
     /// Bytes came after the body's end (the connection cannot be reused).
     #[getter]
     fn wire_excess(&self) -> bool {
-        self.wire.as_ref().is_some_and(Framed::excess)
+        self.m().wire.as_ref().is_some_and(Framed::excess)
     }
 
     /// `None`: forward `chunk` unchanged; else the bytes to forward instead.
-    fn feed<'py>(
-        &mut self,
-        py: Python<'py>,
-        chunk: &[u8],
-    ) -> PyResult<Option<Bound<'py, PyBytes>>> {
-        let out = self.core.feed(chunk);
-        self.stamp_first_token(py)?;
-        Ok(out.map(|b| PyBytes::new(py, &b)))
+    fn feed<'py>(&self, py: Python<'py>, chunk: &[u8]) -> Option<Bound<'py, PyBytes>> {
+        let out = {
+            let mut m = self.m();
+            let out = m.core.feed(chunk);
+            m.stamp_first_token();
+            out
+        };
+        out.map(|b| PyBytes::new(py, &b))
     }
 
     /// Held-back bytes to forward at the end of the stream (`b""` normally).
-    fn flush<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
-        let out = self.core.flush();
-        self.stamp_first_token(py)?;
-        Ok(PyBytes::new(py, &out))
+    fn flush<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        let out = {
+            let mut m = self.m();
+            let out = m.core.flush();
+            m.stamp_first_token();
+            out
+        };
+        PyBytes::new(py, &out)
     }
 
     /// Usage for the whole request; estimates missing figures with the GIL released.
     #[pyo3(signature = (request_body = None))]
-    fn finish(&mut self, py: Python<'_>, request_body: Option<&[u8]>) -> PyUsage {
+    fn finish(&self, py: Python<'_>, request_body: Option<&[u8]>) -> PyUsage {
         // Meters an unterminated last event; held bytes (strip mode) are the caller's to flush() first.
-        let _ = self.core.flush();
-        let core = &self.core;
-        let work = core.work_bytes(request_body.map_or(0, <[u8]>::len));
-        PyUsage(super::detach_if(py, work, || core.usage(request_body)))
+        let work = {
+            let mut m = self.m();
+            let _ = m.core.flush();
+            m.core.work_bytes(request_body.map_or(0, <[u8]>::len))
+        };
+        // The lock is taken inside the section without the GIL, never held while waiting for it.
+        let inner = &self.inner;
+        PyUsage(super::detach_if(py, work, || {
+            plane::lock(inner).core.usage(request_body)
+        }))
     }
 
     #[getter]
     fn content_started(&self) -> bool {
-        self.core.content_started()
+        self.m().core.content_started()
     }
     #[getter]
     fn events(&self) -> u64 {
-        self.core.events()
+        self.m().core.events()
     }
     #[getter]
     fn malformed(&self) -> u64 {
-        self.core.malformed()
+        self.m().core.malformed()
     }
     #[getter]
     fn oversized(&self) -> u64 {
-        self.core.oversized()
+        self.m().core.oversized()
     }
     #[getter]
     fn done(&self) -> bool {
-        self.core.done()
+        self.m().core.done()
     }
     #[getter]
-    fn finish_reason(&self) -> Option<&str> {
-        self.core.finish_reason()
+    fn finish_reason(&self) -> Option<String> {
+        self.m().core.finish_reason().map(str::to_owned)
     }
     #[getter]
     fn error<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
-        let Some(e) = self.core.error() else {
-            return Ok(None);
+        let (kind, message) = {
+            let m = self.m();
+            let Some(e) = m.core.error() else {
+                return Ok(None);
+            };
+            (e.kind.clone(), e.message.clone())
         };
         let d = PyDict::new(py);
-        d.set_item("type", &e.kind)?;
-        d.set_item("message", &e.message)?;
+        d.set_item("type", kind)?;
+        d.set_item("message", message)?;
         Ok(Some(d))
     }
     #[getter]
     fn estimate_bytes(&self) -> usize {
-        self.core.estimate_bytes()
+        self.m().core.estimate_bytes()
     }
     /// Bytes `finish()` would tokenize given a request body of `request_len` bytes (0: all reported).
     fn work_bytes(&self, request_len: usize) -> usize {
-        self.core.work_bytes(request_len)
+        self.m().core.work_bytes(request_len)
     }
     #[getter]
     fn first_token_ns(&self) -> Option<u64> {
-        self.first_token_ns
+        self.m().first_token_ns
     }
     #[getter]
     fn api(&self) -> &'static str {
-        self.core.api().name()
+        self.m().core.api().name()
     }
 }
 
@@ -402,10 +401,10 @@ impl PyPump {
         }
         let now = self.time.call0(py)?;
         self.response.setattr(py, intern!(py, "last_read"), now)?;
-        // One borrow of the meter per read: its answer, and whether the body ended with it.
+        // One lock of the meter per read: its answer, and whether the body ended with it.
         let (fed, done, excess) = {
-            let mut meter = self.meter.bind(py).borrow_mut();
-            let fed = meter.feed_wire_bytes(py, data.as_bytes());
+            let mut meter = self.meter.get().m();
+            let fed = meter.feed_wire(data.as_bytes()).map_err(feed_error);
             let wire = meter.wire.as_ref();
             (
                 fed,

@@ -1,0 +1,711 @@
+//! The data plane: one thread per worker that relays committed streams socket to socket, metering each read.
+//!
+//! Once a stream is committed (its head and first content are out to the client) the rest of it is a loop of
+//! "read from the upstream, meter, write to the client". In the event loop each such read costs the loop's own
+//! path of a read — epoll, the transport's callback, the protocol — on top of the kernel's and the meter's work.
+//! Here it costs a `recv`, the meter and a `send`, in a thread of its own that never takes the GIL: the asyncio
+//! loop neither wakes for the stream's reads nor pays for them.
+//!
+//! The owner keeps the sockets (their transports stay open in the event loop, reading paused on the upstream
+//! one) and hands this thread duplicates of their descriptors; the thread closes its duplicates when the stream
+//! ends, so the owner's connection can go back to its pool. The owner also keeps the deadlines: a [`Ticket`]
+//! shows the time of the last upstream read and the bytes waiting for the client, and `cancel` stops the relay at
+//! once (no read is metered and no byte written after it returns).
+//!
+//! Locking: the thread holds a stream's meter lock across one read's metering and its write to the client, and
+//! never takes the GIL. Whoever holds a meter lock must never wait for the GIL (take it inside, not around, a
+//! section that releases the GIL).
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use rustc_hash::FxHashMap;
+
+use crate::events::{Framed, StreamMeter};
+
+/// The time on the clock `time.monotonic_ns()` reads (CLOCK_MONOTONIC), in ns.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write; CLOCK_MONOTONIC always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// A stream's meter with its upstream framing: what Python's `StreamMeter` holds, shared with the data plane.
+#[derive(Debug)]
+pub struct Metered {
+    pub core: StreamMeter,
+    /// The upstream body's framing, once known: the meter then takes wire bytes.
+    pub wire: Option<Framed>,
+    /// When content started, on CLOCK_MONOTONIC.
+    pub first_token_ns: Option<u64>,
+    /// A relay of this meter was cancelled: the data plane feeds it nothing more.
+    pub cancelled: bool,
+}
+
+impl Metered {
+    pub fn new(core: StreamMeter) -> Self {
+        Metered {
+            core,
+            wire: None,
+            first_token_ns: None,
+            cancelled: false,
+        }
+    }
+
+    /// Records the time once content has started.
+    pub fn stamp_first_token(&mut self) {
+        if self.first_token_ns.is_none() && self.core.content_started() {
+            self.first_token_ns = Some(monotonic_ns());
+        }
+    }
+
+    /// One upstream read (wire bytes) through the framing and the meter: `None` to send `data` as it is, else the
+    /// bytes to send instead. `Ok(None)` without a framing is never returned: the framing must be set.
+    pub fn feed_wire(&mut self, data: &[u8]) -> Result<Option<Vec<u8>>, FeedError> {
+        let Some(wire) = self.wire.as_mut() else {
+            return Err(FeedError::Unframed);
+        };
+        let out = wire.feed(&mut self.core, data).map_err(FeedError::Wire)?;
+        self.stamp_first_token();
+        Ok(out)
+    }
+}
+
+/// Why an upstream read could not be fed.
+#[derive(Debug, thiserror::Error)]
+pub enum FeedError {
+    #[error("feed_wire() before frame()")]
+    Unframed,
+    #[error(transparent)]
+    Wire(#[from] crate::h1::H1Error),
+}
+
+pub type SharedMeter = Arc<Mutex<Metered>>;
+
+/// The meter, locked; a panic elsewhere while it was held leaves it usable (its state is still consistent: the
+/// meter is only ever changed by whole calls).
+pub fn lock(meter: &SharedMeter) -> MutexGuard<'_, Metered> {
+    meter
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// How a relayed stream ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum End {
+    /// The body is complete. `reusable`: the connection can carry another request (nothing came after the body
+    /// and the upstream did not close it).
+    Body { reusable: bool },
+    /// The upstream's framing was malformed.
+    Malformed(String),
+    /// The upstream connection failed or closed before the body was complete.
+    Broken(String),
+    /// Writing to the client failed: it went away.
+    ClientGone(String),
+    /// The owner cancelled the relay.
+    Cancelled,
+}
+
+/// A finished relay: its ticket's id, how it ended, and the bytes it had not yet written to the client (theirs
+/// to write, in order, unless the client is gone or the relay was cancelled).
+#[derive(Debug)]
+pub struct Done {
+    pub id: u64,
+    pub end: End,
+    pub rest: Vec<u8>,
+}
+
+/// The owner's view of one relay in progress.
+#[derive(Debug)]
+pub struct Ticket {
+    pub id: u64,
+    meter: SharedMeter,
+    last_read_ns: AtomicU64,
+    buffered: AtomicUsize,
+}
+
+impl Ticket {
+    /// When the last upstream read arrived (CLOCK_MONOTONIC ns; the relay's start before any).
+    pub fn last_read_ns(&self) -> u64 {
+        self.last_read_ns.load(Ordering::Relaxed)
+    }
+    /// Bytes read from the upstream and not yet taken by the client.
+    pub fn buffered(&self) -> usize {
+        self.buffered.load(Ordering::Relaxed)
+    }
+}
+
+enum Cmd {
+    Add(Box<Stream>),
+    Cancel(u64),
+    Stop,
+}
+
+/// An eventfd: a counter one side bumps and the other reads to zero, waking an epoll on the way.
+struct EventFd(OwnedFd);
+
+impl EventFd {
+    fn new() -> io::Result<Self> {
+        // SAFETY: eventfd returns a new descriptor or -1.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh descriptor we own.
+        Ok(EventFd(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+    fn bump(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a valid u64. It can only fail at the counter's maximum, still a wake-up.
+        unsafe { libc::write(self.0.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+    fn reset(&self) {
+        let mut n: u64 = 0;
+        // SAFETY: reads 8 bytes into a valid u64; EAGAIN (already zero) is fine.
+        unsafe { libc::read(self.0.as_raw_fd(), (&mut n as *mut u64).cast(), 8) };
+    }
+}
+
+struct Shared {
+    wake: EventFd,
+    notify: EventFd,
+    cmds: Mutex<Vec<Cmd>>,
+    done: Mutex<Vec<Done>>,
+}
+
+impl Shared {
+    fn send(&self, cmd: Cmd) {
+        let was_empty = {
+            let mut cmds = self
+                .cmds
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let was_empty = cmds.is_empty();
+            cmds.push(cmd);
+            was_empty
+        };
+        // The thread resets the eventfd before it takes the commands: one bump per batch is enough.
+        if was_empty {
+            self.wake.bump();
+        }
+    }
+}
+
+/// The data plane thread of a worker.
+pub struct Plane {
+    shared: Arc<Shared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    next_id: AtomicU64,
+}
+
+const WAKE: u64 = u64::MAX;
+const UP: u64 = 0;
+const CLIENT: u64 = 1;
+const READ_BUF: usize = 64 * 1024;
+const MAX_EVENTS: usize = 256;
+
+impl Plane {
+    /// Starts the thread.
+    pub fn start() -> io::Result<Plane> {
+        let shared = Arc::new(Shared {
+            wake: EventFd::new()?,
+            notify: EventFd::new()?,
+            cmds: Mutex::new(Vec::new()),
+            done: Mutex::new(Vec::new()),
+        });
+        // SAFETY: epoll_create1 returns a new descriptor or -1.
+        let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if ep < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `ep` is a fresh descriptor we own.
+        let ep = unsafe { OwnedFd::from_raw_fd(ep) };
+        ctl(
+            &ep,
+            libc::EPOLL_CTL_ADD,
+            shared.wake.0.as_raw_fd(),
+            libc::EPOLLIN as u32,
+            WAKE,
+        )?;
+        let mut worker = Worker {
+            ep,
+            shared: shared.clone(),
+            slots: Vec::new(),
+            free: Vec::new(),
+            by_id: FxHashMap::default(),
+            buf: vec![0; READ_BUF],
+            done: Vec::new(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("tokenrelay-plane".into())
+            .spawn(move || worker.run())?;
+        Ok(Plane {
+            shared,
+            thread: Mutex::new(Some(thread)),
+            next_id: AtomicU64::new(1),
+        })
+    }
+
+    /// The descriptor that becomes readable when relays have finished (then call [`Plane::completed`]).
+    pub fn notify_fd(&self) -> RawFd {
+        self.shared.notify.0.as_raw_fd()
+    }
+
+    /// Relays the rest of a stream: reads `upstream` through `meter` (whose framing must be set) and writes to
+    /// `client`, keeping at most about `high` bytes for a client that reads slowly (the upstream is not read
+    /// meanwhile). The descriptors are the thread's, closed when the relay ends.
+    pub fn relay(
+        &self,
+        meter: SharedMeter,
+        upstream: OwnedFd,
+        client: OwnedFd,
+        high: usize,
+    ) -> Arc<Ticket> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let ticket = Arc::new(Ticket {
+            id,
+            meter,
+            last_read_ns: AtomicU64::new(monotonic_ns()),
+            buffered: AtomicUsize::new(0),
+        });
+        let stream = Stream {
+            ticket: ticket.clone(),
+            up: upstream,
+            client,
+            out: Outbox::default(),
+            high: high.max(1),
+            reading: true,
+            writing: false,
+        };
+        self.shared.send(Cmd::Add(Box::new(stream)));
+        ticket
+    }
+
+    /// Stops a relay: when this returns, no more of the stream is metered or written. Its `Done` (Cancelled, or
+    /// how it had ended just before) still comes.
+    pub fn cancel(&self, ticket: &Ticket) {
+        lock(&ticket.meter).cancelled = true;
+        self.shared.send(Cmd::Cancel(ticket.id));
+    }
+
+    /// The relays finished since the last call.
+    pub fn completed(&self) -> Vec<Done> {
+        self.shared.notify.reset();
+        std::mem::take(
+            &mut *self
+                .shared
+                .done
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
+    /// Stops the thread (relays still in progress are dropped: their descriptors closed) and waits for it.
+    pub fn stop(&self) {
+        let thread = self
+            .thread
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(thread) = thread {
+            self.shared.send(Cmd::Stop);
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Plane {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+struct Stream {
+    ticket: Arc<Ticket>,
+    up: OwnedFd,
+    client: OwnedFd,
+    out: Outbox,
+    high: usize,
+    /// The upstream is polled (not while more than `high` bytes wait for the client).
+    reading: bool,
+    /// The client is polled for room to write (while bytes wait for it).
+    writing: bool,
+}
+
+/// Bytes for the client that it has not taken yet (from `at`).
+#[derive(Default)]
+struct Outbox {
+    buf: Vec<u8>,
+    at: usize,
+}
+
+impl Outbox {
+    fn pending(&self) -> usize {
+        self.buf.len() - self.at
+    }
+
+    /// Sends `data` after what is pending; keeps what the socket does not take. Err: the client is gone.
+    fn send(&mut self, fd: RawFd, data: &[u8]) -> Result<(), io::Error> {
+        if self.pending() > 0 {
+            self.buf.extend_from_slice(data);
+            return Ok(());
+        }
+        let sent = send_some(fd, data)?;
+        if sent < data.len() {
+            self.buf.clear();
+            self.at = 0;
+            self.buf.extend_from_slice(&data[sent..]);
+        }
+        Ok(())
+    }
+
+    /// Sends what is pending. Err: the client is gone.
+    fn flush(&mut self, fd: RawFd) -> Result<(), io::Error> {
+        let sent = send_some(fd, &self.buf[self.at..])?;
+        self.at += sent;
+        if self.at == self.buf.len() {
+            self.buf.clear();
+            self.at = 0;
+        } else if self.at >= 64 * 1024 {
+            self.buf.drain(..self.at); // (the sent front is not kept growing behind a slow client)
+            self.at = 0;
+        }
+        Ok(())
+    }
+
+    fn into_rest(mut self) -> Vec<u8> {
+        self.buf.drain(..self.at);
+        self.buf
+    }
+}
+
+/// Writes as much of `data` as the socket takes now.
+fn send_some(fd: RawFd, data: &[u8]) -> Result<usize, io::Error> {
+    let mut at = 0;
+    while at < data.len() {
+        // SAFETY: the pointer and length are those of a live slice; `fd` is a descriptor the stream owns.
+        let n = unsafe {
+            libc::send(
+                fd,
+                data[at..].as_ptr().cast(),
+                data.len() - at,
+                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+            )
+        };
+        if n >= 0 {
+            at += n as usize;
+            continue;
+        }
+        let err = io::Error::last_os_error();
+        match err.kind() {
+            io::ErrorKind::WouldBlock => break,
+            io::ErrorKind::Interrupted => continue,
+            _ => return Err(err),
+        }
+    }
+    Ok(at)
+}
+
+fn ctl(ep: &OwnedFd, op: libc::c_int, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
+    let mut ev = libc::epoll_event { events, u64: token };
+    // SAFETY: `ep` is an epoll descriptor, `ev` a valid event for the call's duration.
+    if unsafe { libc::epoll_ctl(ep.as_raw_fd(), op, fd, &mut ev) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+struct Worker {
+    ep: OwnedFd,
+    shared: Arc<Shared>,
+    slots: Vec<Option<Box<Stream>>>,
+    free: Vec<usize>,
+    by_id: FxHashMap<u64, usize>,
+    buf: Vec<u8>,
+    done: Vec<Done>,
+}
+
+impl Worker {
+    fn run(&mut self) {
+        let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; MAX_EVENTS];
+        loop {
+            // SAFETY: `events` has room for MAX_EVENTS entries.
+            let n = unsafe {
+                libc::epoll_wait(
+                    self.ep.as_raw_fd(),
+                    events.as_mut_ptr(),
+                    MAX_EVENTS as libc::c_int,
+                    -1,
+                )
+            };
+            if n < 0 {
+                if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                break; // (cannot happen with a valid epoll descriptor)
+            }
+            let mut woken = false;
+            for ev in &events[..n as usize] {
+                let (token, flags) = (ev.u64, ev.events);
+                if token == WAKE {
+                    woken = true;
+                } else if token & 1 == UP {
+                    self.on_upstream((token >> 1) as usize, flags);
+                } else {
+                    self.on_client((token >> 1) as usize, flags);
+                }
+            }
+            if woken && !self.commands() {
+                break;
+            }
+            self.report();
+        }
+        // Stopped: every relay left is dropped (its descriptors closed by the drop).
+        self.slots.clear();
+    }
+
+    /// Runs the queued commands; false on Stop.
+    fn commands(&mut self) -> bool {
+        self.shared.wake.reset();
+        let cmds = std::mem::take(
+            &mut *self
+                .shared
+                .cmds
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        for cmd in cmds {
+            match cmd {
+                Cmd::Add(stream) => self.add(stream),
+                Cmd::Cancel(id) => {
+                    if let Some(&slot) = self.by_id.get(&id) {
+                        self.finish(slot, End::Cancelled);
+                    }
+                }
+                Cmd::Stop => return false,
+            }
+        }
+        true
+    }
+
+    fn add(&mut self, stream: Box<Stream>) {
+        let slot = match self.free.pop() {
+            Some(slot) => slot,
+            None => {
+                self.slots.push(None);
+                self.slots.len() - 1
+            }
+        };
+        let id = stream.ticket.id;
+        let (up, client) = (stream.up.as_raw_fd(), stream.client.as_raw_fd());
+        if lock(&stream.ticket.meter).cancelled {
+            self.done.push(Done {
+                id,
+                end: End::Cancelled,
+                rest: Vec::new(),
+            });
+            self.free.push(slot);
+            return;
+        }
+        let token = (slot as u64) << 1;
+        let registered = ctl(
+            &self.ep,
+            libc::EPOLL_CTL_ADD,
+            up,
+            libc::EPOLLIN as u32,
+            token | UP,
+        )
+        .and_then(|()| ctl(&self.ep, libc::EPOLL_CTL_ADD, client, 0, token | CLIENT));
+        self.slots[slot] = Some(stream);
+        self.by_id.insert(id, slot);
+        if let Err(e) = registered {
+            self.finish(
+                slot,
+                End::Broken(format!("the data plane could not poll the stream: {e}")),
+            );
+        }
+    }
+
+    fn on_upstream(&mut self, slot: usize, _flags: u32) {
+        let Some(Some(s)) = self.slots.get_mut(slot) else {
+            return; // finished earlier in this batch
+        };
+        if !s.reading {
+            return;
+        }
+        // One read per readiness: the paced stream's event is one read; a busier one is read again next round.
+        // SAFETY: `buf` is a live buffer of its length; `up` a descriptor the stream owns.
+        let n = unsafe {
+            libc::recv(
+                s.up.as_raw_fd(),
+                self.buf.as_mut_ptr().cast(),
+                self.buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            if matches!(
+                err.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+            ) {
+                return;
+            }
+            return self.finish(
+                slot,
+                End::Broken(format!("the upstream connection failed: {err}")),
+            );
+        }
+        s.ticket
+            .last_read_ns
+            .store(monotonic_ns(), Ordering::Relaxed);
+        let mut meter = lock(&s.ticket.meter);
+        if meter.cancelled {
+            drop(meter);
+            return self.finish(slot, End::Cancelled);
+        }
+        if n == 0 {
+            let closed = meter.wire.as_mut().map_or(Ok(()), Framed::close);
+            drop(meter);
+            let end = match closed {
+                Ok(()) => End::Body { reusable: false },
+                Err(e) => End::Broken(e.to_string()),
+            };
+            return self.finish(slot, end);
+        }
+        let data = &self.buf[..n as usize];
+        let fed = meter.feed_wire(data);
+        let sent = match &fed {
+            Err(_) => Ok(()),
+            Ok(None) => s.out.send(s.client.as_raw_fd(), data),
+            Ok(Some(out)) => s.out.send(s.client.as_raw_fd(), out),
+        };
+        let wire = meter.wire.as_ref();
+        let (done, excess) = (
+            wire.is_some_and(Framed::done),
+            wire.is_some_and(Framed::excess),
+        );
+        drop(meter);
+        if let Err(e) = fed {
+            return self.finish(slot, End::Malformed(e.to_string()));
+        }
+        if let Err(e) = sent {
+            return self.finish(slot, End::ClientGone(e.to_string()));
+        }
+        if done {
+            return self.finish(slot, End::Body { reusable: !excess });
+        }
+        self.poll(slot);
+    }
+
+    fn on_client(&mut self, slot: usize, flags: u32) {
+        let Some(Some(s)) = self.slots.get_mut(slot) else {
+            return;
+        };
+        if flags & (libc::EPOLLERR | libc::EPOLLHUP) as u32 != 0 {
+            return self.finish(
+                slot,
+                End::ClientGone("the client closed the connection".into()),
+            );
+        }
+        if s.out.pending() > 0 {
+            if let Err(e) = s.out.flush(s.client.as_raw_fd()) {
+                return self.finish(slot, End::ClientGone(e.to_string()));
+            }
+        }
+        self.poll(slot);
+    }
+
+    /// Polls the stream's sockets for what it waits on now: the client for room while bytes wait for it, the
+    /// upstream unless more than `high` bytes wait.
+    fn poll(&mut self, slot: usize) {
+        let Some(Some(s)) = self.slots.get_mut(slot) else {
+            return;
+        };
+        let pending = s.out.pending();
+        s.ticket.buffered.store(pending, Ordering::Relaxed);
+        let (writing, reading) = (pending > 0, pending <= s.high);
+        let token = (slot as u64) << 1;
+        let mut failed = None;
+        if writing != s.writing {
+            s.writing = writing;
+            let events = if writing { libc::EPOLLOUT as u32 } else { 0 };
+            failed = ctl(
+                &self.ep,
+                libc::EPOLL_CTL_MOD,
+                s.client.as_raw_fd(),
+                events,
+                token | CLIENT,
+            )
+            .err();
+        }
+        if reading != s.reading && failed.is_none() {
+            s.reading = reading;
+            let events = if reading { libc::EPOLLIN as u32 } else { 0 };
+            failed = ctl(
+                &self.ep,
+                libc::EPOLL_CTL_MOD,
+                s.up.as_raw_fd(),
+                events,
+                token | UP,
+            )
+            .err();
+        }
+        if let Some(e) = failed {
+            self.finish(
+                slot,
+                End::Broken(format!("the data plane could not poll the stream: {e}")),
+            );
+        }
+    }
+
+    /// Ends a relay: its descriptors leave the epoll and are closed, and its `Done` is queued.
+    fn finish(&mut self, slot: usize, end: End) {
+        let Some(Some(s)) = self.slots.get_mut(slot).map(Option::take) else {
+            return;
+        };
+        let id = s.ticket.id;
+        self.free.push(slot);
+        self.by_id.remove(&id);
+        // Explicitly: the owner's descriptors for these sockets stay open, so closing ours would not remove them.
+        for fd in [s.up.as_raw_fd(), s.client.as_raw_fd()] {
+            let _ = ctl(&self.ep, libc::EPOLL_CTL_DEL, fd, 0, 0);
+        }
+        s.ticket.buffered.store(0, Ordering::Relaxed);
+        let rest = match end {
+            End::ClientGone(_) | End::Cancelled => Vec::new(),
+            _ => s.out.into_rest(),
+        };
+        self.done.push(Done { id, end, rest });
+    }
+
+    /// Hands the finished relays to the owner, with one wake-up per batch.
+    fn report(&mut self) {
+        if self.done.is_empty() {
+            return;
+        }
+        let was_empty = {
+            let mut done = self
+                .shared
+                .done
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let was_empty = done.is_empty();
+            done.append(&mut self.done);
+            was_empty
+        };
+        if was_empty {
+            self.shared.notify.bump();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
