@@ -153,6 +153,14 @@ class Daemon:
     def get(self, path: str, headers: dict[str, str] | None = None) -> Any:
         return http_json("GET", f"{self.url}{path}", headers=headers)
 
+    def metric(self, name: str) -> float:
+        """One unlabelled sample of `/metrics`."""
+        with urllib.request.urlopen(f"{self.url}/metrics", timeout=10) as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith(f"{name} "):
+                    return float(line.split()[1])
+        raise AssertionError(f"no {name} in /metrics")
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)

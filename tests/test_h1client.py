@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenrelay._core import BodyDecoder, StreamMeter
 from tokenrelay.h1client import Client, ConnectError, Response, UpstreamError, origin_of, request_head
+from tokenrelay.plane import DataPlane
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -346,7 +347,14 @@ async def client_sink() -> AsyncIterator[tuple[asyncio.Transport, bytearray]]:
         srv.close()
 
 
-async def pump_two_streams_over_one_connection() -> None:
+def new_client(data_plane: bool) -> Client:
+    client = Client(asyncio.get_running_loop())
+    if data_plane:
+        client.plane = DataPlane(asyncio.get_running_loop())
+    return client
+
+
+async def pump_two_streams_over_one_connection(data_plane: bool) -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         for _ in range(2):
             await read_request(reader)
@@ -360,7 +368,7 @@ async def pump_two_streams_over_one_connection() -> None:
         await reader.read()
 
     async with server(handler) as (url, connections), client_sink() as (transport, received):
-        client = Client(asyncio.get_running_loop())
+        client = new_client(data_plane)
         meters: list[StreamMeter] = []
         for i in range(2):
             resp = await send_held(client, url, holding(meters))
@@ -370,27 +378,32 @@ async def pump_two_streams_over_one_connection() -> None:
             assert meters[i].events == 6 and meters[i].done
             assert resp.conn.transport is not None
             assert resp.conn.transport.get_protocol() is resp.conn  # the pump handed the connection back
+        if data_plane:
+            assert client.plane is not None and client.plane.relays == 2 and client.plane.in_flight == 0
         await client.close()
         await asyncio.sleep(0.05)
     assert connections[0] == 1  # reused after each stream
     assert unchunk(bytes(received)) == (ROLE + CONTENT * 4 + b"data: [DONE]\n\n") * 2
 
 
-async def test_pump_relays_every_read_and_hands_the_connection_back() -> None:
-    await pump_two_streams_over_one_connection()
+@pytest.mark.parametrize("data_plane", [False, True], ids=["pump", "data-plane"])
+async def test_pump_relays_every_read_and_hands_the_connection_back(data_plane: bool) -> None:
+    await pump_two_streams_over_one_connection(data_plane)
 
 
-def test_pump_relays_every_read_and_hands_the_connection_back_on_uvloop() -> None:
+@pytest.mark.parametrize("data_plane", [False, True], ids=["pump", "data-plane"])
+def test_pump_relays_every_read_and_hands_the_connection_back_on_uvloop(data_plane: bool) -> None:
     uvloop = pytest.importorskip("uvloop")
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(pump_two_streams_over_one_connection())
+        runner.run(pump_two_streams_over_one_connection(data_plane))
 
 
-async def test_a_break_in_the_pump_is_an_upstream_error_and_the_connection_is_dropped() -> None:
+@pytest.mark.parametrize("data_plane", [False, True], ids=["pump", "data-plane"])
+async def test_a_break_in_the_pump_is_an_upstream_error_and_the_connection_is_dropped(data_plane: bool) -> None:
     # a good chunk, then a broken chunk size, after send() returned: through the pump
     handler = answer_in_two(SSE_HEAD + chunk(ROLE) + chunk(CONTENT), chunk(CONTENT) + b"zz\r\n", 0.05)
     async with server(handler) as (url, _), client_sink() as (transport, received):
-        client = Client(asyncio.get_running_loop())
+        client = new_client(data_plane)
         resp = await send_held(client, url, holding([]))
         await _Writer(transport).write(resp.take())
         with pytest.raises(UpstreamError, match="malformed"):
@@ -398,6 +411,64 @@ async def test_a_break_in_the_pump_is_an_upstream_error_and_the_connection_is_dr
         assert resp.conn.dead
         await client.close()
     assert bytes(received).startswith(chunk(ROLE + CONTENT))
+
+
+async def test_the_data_plane_reports_an_upstream_that_closes_mid_stream() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(SSE_HEAD + chunk(ROLE) + chunk(CONTENT))
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(chunk(CONTENT))  # then the connection closes (the handler returns) inside the body
+
+    async with server(handler) as (url, _), client_sink() as (transport, received):
+        client = new_client(True)
+        resp = await send_held(client, url, holding([]))
+        await _Writer(transport).write(resp.take())
+        with pytest.raises(UpstreamError, match="closed before the body was complete"):
+            await asyncio.wait_for(resp.pump(_Writer(transport), transport), 5)
+        assert resp.conn.dead
+        await client.close()
+        await asyncio.sleep(0.05)
+    assert unchunk(bytes(received)) == ROLE + CONTENT * 2  # everything before the break reached the client
+
+
+async def test_a_cancelled_relay_writes_nothing_more_and_drops_the_upstream() -> None:
+    upstream_closed = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(SSE_HEAD + chunk(ROLE) + chunk(CONTENT))
+        try:
+            while True:  # an endless stream, one event every 10 ms, until the proxy drops the connection
+                await writer.drain()
+                await asyncio.sleep(0.01)
+                writer.write(chunk(CONTENT))
+        except ConnectionError:
+            pass
+        finally:
+            upstream_closed.set()
+
+    async with server(handler) as (url, _), client_sink() as (transport, received):
+        client = new_client(True)
+        meters: list[StreamMeter] = []
+        resp = await send_held(client, url, holding(meters))
+        await _Writer(transport).write(resp.take())
+        pumping = asyncio.ensure_future(resp.pump(_Writer(transport), transport))
+        await asyncio.sleep(0.15)
+        assert not pumping.done() and meters[0].events > 5  # the data plane relays and meters
+        pumping.cancel()  # as aiohttp cancels a handler whose client went away
+        with pytest.raises(asyncio.CancelledError):
+            await pumping
+        events = meters[0].events
+        resp.close()
+        await asyncio.wait_for(upstream_closed.wait(), 5)
+        await asyncio.sleep(0.05)  # (what was written before the cancel has reached the client)
+        size = len(received)
+        await asyncio.sleep(0.1)
+        assert (meters[0].events, len(received)) == (events, size)  # nothing after the cancel
+        assert client.plane is not None and client.plane.in_flight == 0
+        await client.close()
 
 
 # --- StreamMeter.feed_wire: the framing of what the client receives ---------------------------------------

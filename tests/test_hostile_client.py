@@ -179,6 +179,7 @@ async def test_client_that_stops_reading_is_disconnected_with_bounded_memory(
     relay: Daemon, hostile: HostileUpstream
 ) -> None:
     before = rss_kib(relay.proc.pid)
+    relayed = relay.metric("tokenrelay_data_plane_relays_total")
     _, writer = await open_stalled_client(relay, "h-firehose", "stalled")
     peak = before
     for _ in range(30):  # the upstream can send as fast as loopback goes; the relay must not buffer it
@@ -190,6 +191,9 @@ async def test_client_that_stops_reading_is_disconnected_with_bounded_memory(
     assert peak - before < 64 * 1024, f"RSS grew by {(peak - before) // 1024} MiB"
     writer.close()
     assert relay.get("/healthz")["in_flight"] == 0
+    # The stream was relayed by the data plane thread (whose held bytes the write timeout counts) and left it.
+    assert relay.metric("tokenrelay_data_plane_relays_total") == relayed + 1
+    assert relay.metric("tokenrelay_data_plane_relays_in_flight") == 0
 
 
 async def test_slow_but_reading_client_is_not_disconnected(relay: Daemon) -> None:

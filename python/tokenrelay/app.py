@@ -16,7 +16,7 @@ from dataclasses import replace
 
 from aiohttp import web
 
-from tokenrelay import auth
+from tokenrelay import auth, plane
 from tokenrelay._core import Meters
 from tokenrelay.config import Config, with_builtin_routes
 from tokenrelay.h1client import Client
@@ -25,6 +25,7 @@ from tokenrelay.handlers import runs as run_handlers
 from tokenrelay.ledger import Ledger
 from tokenrelay.metering import Metering
 from tokenrelay.mock import MockProvider
+from tokenrelay.plane import DataPlane
 from tokenrelay.relay import Relay
 from tokenrelay.routing import health_check_loop
 from tokenrelay.state import BACKGROUND, RELAY, STARTED
@@ -66,6 +67,8 @@ def build_app(config: Config) -> web.Application:
         await gate.start()  # the ledger exists and is migrated: the keys can be read
         tls = any(d.base_url.startswith("https:") for r in config.routes.values() for d in r.deployments)
         client = await asyncio.to_thread(Client, asyncio.get_running_loop(), tls)  # loading CA certs blocks
+        if plane.enabled():
+            client.plane = DataPlane(asyncio.get_running_loop())
         relay = app[RELAY] = Relay(config, client, meter)
         checks: list[asyncio.Future[None]] = [
             asyncio.ensure_future(health_check_loop(pool, relay.client))

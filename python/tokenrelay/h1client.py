@@ -33,11 +33,17 @@ from tokenrelay._core import (
     PUMP_END,
     PUMP_MALFORMED,
     PUMP_PAUSED,
+    RELAY_BROKEN,
+    RELAY_CLIENT_GONE,
+    RELAY_END,
+    RELAY_MALFORMED,
     BodyDecoder,
     Pump,
+    Relay,
     StreamMeter,
     parse_response_head,
 )
+from tokenrelay.plane import DataPlane
 
 # Idle keep-alive connections are closed after this long (servers usually close theirs sooner).
 KEEPALIVE_S = 60.0
@@ -170,6 +176,8 @@ class Response:
         "_feed",
         "_held",
         "_pending",
+        "_plane",
+        "_relay",
         "_waiter",
         "body",
         "client",
@@ -213,6 +221,8 @@ class Response:
         self._error: UpstreamError | None = None
         self._excess = False
         self._waiter: asyncio.Future[None] | None = None
+        self._plane: DataPlane | None = None
+        self._relay: Relay | None = None  # the data plane relays the rest of the body (see `pump`)
         # Called in the callback that completes the head (see `send`); while `_held` is set, the head future waits
         # until it returns True (or the body ends or breaks, or `stop_holding()`).
         self.on_head: Callable[[Response], bool] | None = None
@@ -276,6 +286,7 @@ class Response:
         """The body is complete: the connection goes back to the pool if it can carry another request."""
         if self._ended:
             return
+        self._cancel_relay()  # (ended otherwise than by the relay's own end: on_lost)
         self._ended = True
         self.sink = _ignore  # the sinks are bound methods and closures of self: no cycle left for the GC
         conn = self.conn
@@ -290,6 +301,7 @@ class Response:
     def _fail(self, error: UpstreamError) -> None:
         if self._ended:
             return
+        self._cancel_relay()
         self._error = error
         self._ended = True
         self.sink = _ignore
@@ -367,11 +379,28 @@ class Response:
         """Drops the connection (the upstream stops generating); a read in progress ends with UpstreamError."""
         if self._ended:
             return
+        self._cancel_relay()  # (first: the data plane holds the sockets open and writes to the client)
         self.closed_by_us = True
         transport = self.conn.transport
         if transport is not None:
             transport.abort()  # connection_lost follows, now or on the next loop iteration
         self._fail(UpstreamError("the connection was closed"))
+
+    def read_at(self) -> float:
+        """When the last upstream read arrived (the watchdog's idle clock), the data plane's reads included."""
+        relay = self._relay
+        return relay.last_read if relay is not None else self.last_read
+
+    def relay_buffered(self) -> int:
+        """Bytes the data plane holds for a client that reads slowly (0 unless it relays this response)."""
+        relay = self._relay
+        return relay.buffered if relay is not None else 0
+
+    def _cancel_relay(self) -> None:
+        relay, self._relay = self._relay, None
+        if relay is not None and self._plane is not None:
+            self.last_read = relay.last_read
+            self._plane.cancel(relay)
 
     def release(self) -> None:
         """Done with the response: an unfinished body closes the connection (it cannot carry another request)."""
@@ -498,6 +527,12 @@ class Response:
         high = client.get_write_buffer_limits()[1]
         upstream = self.conn.transport
         assert upstream is not None
+        plane = self.client.plane
+        if plane is not None and isinstance(feed, StreamMeter):
+            fds = self._plain_fds(upstream, client)
+            if fds is not None:
+                await self._relay_in(plane, feed, fds, client, high)
+                return
         paused = False
         gone: list[BaseException] = []
         pump: Pump | None = None
@@ -553,6 +588,60 @@ class Response:
         finally:
             if as_protocol is not None and upstream.get_protocol() is as_protocol:
                 upstream.set_protocol(self.conn)
+        if gone:
+            raise ConnectionResetError(f"the client went away: {gone[0]}")
+        if self._error is not None:
+            raise self._error
+
+    def _plain_fds(self, upstream: asyncio.Transport, client: asyncio.Transport) -> tuple[int, int] | None:
+        """The two sockets' descriptors if the data plane can relay between them: plaintext on both sides, and
+        nothing of the client's response still buffered in its transport (the plane's writes would pass it)."""
+        if self.conn.key[0] or client.get_write_buffer_size() or client.get_extra_info("sslcontext") is not None:
+            return None
+        up, down = upstream.get_extra_info("socket"), client.get_extra_info("socket")
+        if up is None or down is None:
+            return None
+        return up.fileno(), down.fileno()
+
+    async def _relay_in(
+        self, plane: DataPlane, meter: StreamMeter, fds: tuple[int, int], client: asyncio.Transport, high: int
+    ) -> None:
+        """`pump()` by the data plane: the event loop waits for the end of the relay, and nothing else."""
+        upstream = self.conn.transport
+        assert upstream is not None
+        gone: list[str] = []
+
+        def on_done(kind: int, arg: Any, rest: bytes) -> None:
+            relay, self._relay = self._relay, None
+            if relay is not None:
+                self.last_read = relay.last_read
+            if rest and kind != RELAY_CLIENT_GONE:
+                try:
+                    client.write(rest)  # what the relay had not written yet: in order, before anything else
+                except (RuntimeError, OSError) as exc:
+                    kind, arg = RELAY_CLIENT_GONE, str(exc)
+            if kind == RELAY_END:
+                if arg:
+                    upstream.resume_reading()  # (before `_end()` can put the connection back in the pool)
+                else:
+                    self._excess = True  # read to the close, or bytes came after the body: not reused
+                self._end()
+            elif kind == RELAY_MALFORMED:
+                self._fail(UpstreamError(f"malformed stream: {arg}"))
+            elif kind == RELAY_BROKEN:
+                self._fail(UpstreamError(str(arg)))
+            elif kind == RELAY_CLIENT_GONE:
+                gone.append(str(arg))
+                self.close()
+
+        upstream.pause_reading()
+        self._plane = plane
+        self._relay = plane.relay(meter, fds[0], fds[1], high, on_done)
+        try:
+            while not self._ended:
+                await self._wait(None)
+        finally:
+            self._cancel_relay()  # (the handler was cancelled: nothing more goes to the client)
         if gone:
             raise ConnectionResetError(f"the client went away: {gone[0]}")
         if self._error is not None:
@@ -658,6 +747,8 @@ class Client:
         self._dns: dict[tuple[str, int], tuple[float, list[Any]]] = {}
         self._sweep: asyncio.TimerHandle | None = None
         self.closed = False
+        # Relays committed plaintext streams off the event loop (see `Response.pump`); None: all in the loop.
+        self.plane: DataPlane | None = None
 
     async def request(
         self,
@@ -820,6 +911,8 @@ class Client:
         if self._sweep is not None:
             self._sweep.cancel()
             self._sweep = None
+        if self.plane is not None:
+            self.plane.close()
         for idle in self.idle.values():
             for conn in idle:
                 if conn.transport is not None:

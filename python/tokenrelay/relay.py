@@ -137,7 +137,7 @@ class _Watchdog:
 
     def _deadline(self) -> float:
         t = self.timeouts
-        last = self.last if self.response is None else self.response.last_read
+        last = self.last if self.response is None else self.response.read_at()
         deadline = last + (t.first_token if self.first else t.idle)
         return deadline if t.total is None else min(deadline, self.started + t.total)
 
@@ -178,6 +178,8 @@ class _Watchdog:
     def _client_stalled(self, now: float) -> bool:
         assert self.client is not None
         size = self.client.get_write_buffer_size()
+        if self.response is not None:
+            size += self.response.relay_buffered()  # (what the data plane holds for the client)
         if size == 0 or size != self._stall_size:
             self._stall_since, self._stall_size = now, size
             return False
@@ -338,6 +340,16 @@ class Relay:
                 up = 1 if state["state"] in ("healthy", "half_open") else 0
                 lines.append(f"tokenrelay_upstream_up{{{labels}}} {up}")
                 outstanding.append(f"tokenrelay_upstream_outstanding{{{labels}}} {state['outstanding']}")
+        plane = self.client.plane
+        if plane is not None:
+            outstanding += [
+                "# HELP tokenrelay_data_plane_relays_total Streams whose rest the data plane thread relayed.",
+                "# TYPE tokenrelay_data_plane_relays_total counter",
+                f"tokenrelay_data_plane_relays_total {plane.relays}",
+                "# HELP tokenrelay_data_plane_relays_in_flight Streams the data plane thread relays now.",
+                "# TYPE tokenrelay_data_plane_relays_in_flight gauge",
+                f"tokenrelay_data_plane_relays_in_flight {plane.in_flight}",
+            ]
         return "\n".join(lines + outstanding) + "\n"
 
     def _cancelled(self, outcome: Outcome, why: str) -> None:
