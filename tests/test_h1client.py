@@ -433,6 +433,28 @@ async def test_the_data_plane_reports_an_upstream_that_closes_mid_stream() -> No
     assert unchunk(bytes(received)) == ROLE + CONTENT * 2  # everything before the break reached the client
 
 
+async def test_a_stream_the_plane_cannot_take_is_pumped_in_the_loop() -> None:
+    handler = answer_in_two(
+        SSE_HEAD + chunk(ROLE) + chunk(CONTENT), chunk(CONTENT) + chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n", 0.05
+    )
+    async with server(handler) as (url, _), client_sink() as (transport, received):
+        client = new_client(True)
+        assert client.plane is not None
+
+        def no_descriptors(*args: object) -> None:
+            raise OSError(24, "Too many open files")
+
+        client.plane.relay = no_descriptors  # type: ignore[method-assign,assignment]
+        meters: list[StreamMeter] = []
+        resp = await send_held(client, url, holding(meters))
+        await _Writer(transport).write(resp.take())
+        await asyncio.wait_for(resp.pump(_Writer(transport), transport), 5)
+        assert resp.ended and meters[0].done
+        await client.close()
+        await asyncio.sleep(0.05)
+    assert unchunk(bytes(received)) == ROLE + CONTENT * 2 + b"data: [DONE]\n\n"
+
+
 async def test_a_cancelled_relay_writes_nothing_more_and_drops_the_upstream() -> None:
     upstream_closed = asyncio.Event()
 

@@ -530,8 +530,7 @@ class Response:
         plane = self.client.plane
         if plane is not None and isinstance(feed, StreamMeter):
             fds = self._plain_fds(upstream, client)
-            if fds is not None:
-                await self._relay_in(plane, feed, fds, client, high)
+            if fds is not None and await self._relay_in(plane, feed, fds, client, high):
                 return
         paused = False
         gone: list[BaseException] = []
@@ -605,8 +604,9 @@ class Response:
 
     async def _relay_in(
         self, plane: DataPlane, meter: StreamMeter, fds: tuple[int, int], client: asyncio.Transport, high: int
-    ) -> None:
-        """`pump()` by the data plane: the event loop waits for the end of the relay, and nothing else."""
+    ) -> bool:
+        """`pump()` by the data plane: the event loop waits for the end of the relay, and nothing else. False if
+        the plane could not take the stream (no descriptor left to duplicate): it is pumped in the loop."""
         upstream = self.conn.transport
         assert upstream is not None
         gone: list[str] = []
@@ -635,8 +635,12 @@ class Response:
                 self.close()
 
         upstream.pause_reading()
+        try:
+            self._relay = plane.relay(meter, fds[0], fds[1], high, on_done)
+        except OSError:
+            upstream.resume_reading()
+            return False
         self._plane = plane
-        self._relay = plane.relay(meter, fds[0], fds[1], high, on_done)
         try:
             while not self._ended:
                 await self._wait(None)
@@ -646,6 +650,7 @@ class Response:
             raise ConnectionResetError(f"the client went away: {gone[0]}")
         if self._error is not None:
             raise self._error
+        return True
 
     def _push(
         self, feed: _WireFeed, client: asyncio.Transport, high: int, on_event: Callable[[int, Any], None]
