@@ -85,7 +85,6 @@ RELAY_END: int
 RELAY_MALFORMED: int
 RELAY_CLIENT_GONE: int
 RELAY_BROKEN: int
-RELAY_CANCELLED: int
 
 @final
 class Plane:
@@ -98,8 +97,8 @@ class Plane:
         """Duplicates both descriptors; the caller must not read the upstream or write the client until the
         relay's kind comes from `completed()`."""
     def completed(self) -> list[tuple[int, int, Any, bytes]]:
-        """(id, kind, arg, rest) of each relay finished since the last call: RELAY_END (arg: the connection is
-        reusable), RELAY_MALFORMED / RELAY_CLIENT_GONE / RELAY_BROKEN (arg: the message), RELAY_CANCELLED (None);
+        """(id, kind, arg, rest) of each relay finished since the last call (never a cancelled one): RELAY_END
+        (arg: the connection is reusable), RELAY_MALFORMED / RELAY_CLIENT_GONE / RELAY_BROKEN (arg: the message);
         `rest`: bytes not yet written to the client (the caller's to write, in order)."""
     def close(self) -> None: ...
 
@@ -113,8 +112,9 @@ class Relay:
     @property
     def buffered(self) -> int:
         """Bytes read from the upstream that the client has not taken yet."""
-    def cancel(self) -> None:
-        """Once this returns nothing more is metered or written to the client."""
+    def cancel(self) -> bytes:
+        """Once this returns nothing more is metered or written to the client, and the relay is not reported by
+        `completed()`; returns the bytes it had metered and not written (the caller's to write first)."""
 
 @final
 class StreamMeter:

@@ -12,9 +12,11 @@
 //! shows the time of the last upstream read and the bytes waiting for the client, and `cancel` stops the relay at
 //! once (no read is metered and no byte written after it returns).
 //!
-//! Locking: the thread holds a stream's meter lock across one read's metering and its write to the client, and
-//! never takes the GIL. Whoever holds a meter lock must never wait for the GIL (take it inside, not around, a
-//! section that releases the GIL).
+//! Locking: a stream's meter lock covers its metering, its bytes waiting for the client and every write to the
+//! client; the thread holds it for one read (or one flush) at a time and never takes the GIL. `cancel` takes it
+//! too, with the waiting bytes: the owner writes them, in order, before anything of its own. Whoever holds a
+//! meter lock must never wait for the GIL (take it inside, not around, a section that releases the GIL). The
+//! order, when both are taken: a meter lock, then the queue of finished relays.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -45,8 +47,12 @@ pub struct Metered {
     pub wire: Option<Framed>,
     /// When content started, on CLOCK_MONOTONIC.
     pub first_token_ns: Option<u64>,
-    /// A relay of this meter was cancelled: the data plane feeds it nothing more.
+    /// A relay of this meter was cancelled: the data plane feeds it nothing more and writes nothing more.
     pub cancelled: bool,
+    /// The relay ended and its `Done` is queued (with the bytes it had not written).
+    finished: bool,
+    /// Metered bytes the client has not taken yet (the relay's; behind this lock so that `cancel` can take them).
+    outbox: Outbox,
 }
 
 impl Metered {
@@ -56,6 +62,8 @@ impl Metered {
             wire: None,
             first_token_ns: None,
             cancelled: false,
+            finished: false,
+            outbox: Outbox::default(),
         }
     }
 
@@ -109,7 +117,7 @@ pub enum End {
     Broken(String),
     /// Writing to the client failed: it went away.
     ClientGone(String),
-    /// The owner cancelled the relay.
+    /// The owner cancelled the relay (never queued: the owner took its bytes and expects no `Done`).
     Cancelled,
 }
 
@@ -241,7 +249,7 @@ impl Plane {
             free: Vec::new(),
             by_id: FxHashMap::default(),
             buf: vec![0; READ_BUF],
-            done: Vec::new(),
+            finished: false,
         };
         let thread = std::thread::Builder::new()
             .name("tokenrelay-plane".into())
@@ -260,14 +268,23 @@ impl Plane {
 
     /// Relays the rest of a stream: reads `upstream` through `meter` (whose framing must be set) and writes to
     /// `client`, keeping at most about `high` bytes for a client that reads slowly (the upstream is not read
-    /// meanwhile). The descriptors are the thread's, closed when the relay ends.
+    /// meanwhile). The descriptors are the thread's, closed when the relay ends. Err if the thread has stopped.
     pub fn relay(
         &self,
         meter: SharedMeter,
         upstream: OwnedFd,
         client: OwnedFd,
         high: usize,
-    ) -> Arc<Ticket> {
+    ) -> io::Result<Arc<Ticket>> {
+        let running = self
+            .thread
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .is_some_and(|t| !t.is_finished());
+        if !running {
+            return Err(io::Error::other("the data plane thread has stopped"));
+        }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let ticket = Arc::new(Ticket {
             id,
@@ -279,20 +296,37 @@ impl Plane {
             ticket: ticket.clone(),
             up: upstream,
             client,
-            out: Outbox::default(),
             high: high.max(1),
             reading: true,
             writing: false,
         };
         self.shared.send(Cmd::Add(Box::new(stream)));
-        ticket
+        Ok(ticket)
     }
 
-    /// Stops a relay: when this returns, no more of the stream is metered or written. Its `Done` (Cancelled, or
-    /// how it had ended just before) still comes.
-    pub fn cancel(&self, ticket: &Ticket) {
-        lock(&ticket.meter).cancelled = true;
+    /// Stops a relay: when this returns, nothing more of the stream is metered or written, and its `Done` will
+    /// not come. Returns the metered bytes the relay had not written to the client (also when it had just ended
+    /// and its `Done` was waiting): the caller's to write, in order, before anything else.
+    pub fn cancel(&self, ticket: &Ticket) -> Vec<u8> {
+        let rest = {
+            let mut meter = lock(&ticket.meter);
+            meter.cancelled = true;
+            if meter.finished {
+                let mut done = self
+                    .shared
+                    .done
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                match done.iter().position(|d| d.id == ticket.id) {
+                    Some(at) => done.remove(at).rest,
+                    None => Vec::new(), // (already taken by `completed`)
+                }
+            } else {
+                std::mem::take(&mut meter.outbox).into_rest()
+            }
+        };
         self.shared.send(Cmd::Cancel(ticket.id));
+        rest
     }
 
     /// The relays finished since the last call.
@@ -321,6 +355,27 @@ impl Plane {
     }
 }
 
+#[cfg(test)]
+impl Plane {
+    /// CPU time the thread has used (to check that it sleeps when it has nothing to do).
+    fn thread_cpu_ns(&self) -> u64 {
+        use std::os::unix::thread::JoinHandleExt;
+        let guard = self.thread.lock().unwrap();
+        let thread = guard.as_ref().unwrap().as_pthread_t();
+        let mut clock: libc::clockid_t = 0;
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: a live thread's id, valid out-pointers.
+        unsafe {
+            assert_eq!(libc::pthread_getcpuclockid(thread, &mut clock), 0);
+            libc::clock_gettime(clock, &mut ts);
+        }
+        (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
+    }
+}
+
 impl Drop for Plane {
     fn drop(&mut self) {
         self.stop();
@@ -331,16 +386,16 @@ struct Stream {
     ticket: Arc<Ticket>,
     up: OwnedFd,
     client: OwnedFd,
-    out: Outbox,
     high: usize,
-    /// The upstream is polled (not while more than `high` bytes wait for the client).
+    /// The upstream is polled (not while more than `high` bytes wait for the client). While it is not, it is out
+    /// of the epoll altogether: a reset would otherwise be reported (EPOLLERR/HUP cannot be masked) at every wait.
     reading: bool,
     /// The client is polled for room to write (while bytes wait for it).
     writing: bool,
 }
 
 /// Bytes for the client that it has not taken yet (from `at`).
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct Outbox {
     buf: Vec<u8>,
     at: usize,
@@ -429,7 +484,8 @@ struct Worker {
     free: Vec<usize>,
     by_id: FxHashMap<u64, usize>,
     buf: Vec<u8>,
-    done: Vec<Done>,
+    /// Relays finished in this round: the owner is woken once for all of them.
+    finished: bool,
 }
 
 impl Worker {
@@ -456,22 +512,31 @@ impl Worker {
                 let (token, flags) = (ev.u64, ev.events);
                 if token == WAKE {
                     woken = true;
-                } else if token & 1 == UP {
-                    self.on_upstream((token >> 1) as usize, flags);
-                } else {
-                    self.on_client((token >> 1) as usize, flags);
+                    continue;
+                }
+                let slot = (token >> 1) as usize;
+                // A panic in one stream's metering (a bug, on some upstream's bytes) ends that stream, not the
+                // thread and every other stream with it.
+                let handled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    if token & 1 == UP {
+                        self.on_upstream(slot, flags);
+                    } else {
+                        self.on_client(slot, flags);
+                    }
+                }));
+                if handled.is_err() {
+                    self.finish(slot, End::Broken("internal error in the data plane".into()));
                 }
             }
-            if woken && !self.commands() {
+            let go_on = !woken || self.commands();
+            self.report();
+            if !go_on {
                 break;
             }
-            self.report();
         }
-        // Stopped: every relay left is dropped (its descriptors closed by the drop).
-        self.slots.clear();
     }
 
-    /// Runs the queued commands; false on Stop.
+    /// Runs the queued commands; false on Stop (every relay left then ends as Broken).
     fn commands(&mut self) -> bool {
         self.shared.wake.reset();
         let cmds = std::mem::take(
@@ -489,7 +554,12 @@ impl Worker {
                         self.finish(slot, End::Cancelled);
                     }
                 }
-                Cmd::Stop => return false,
+                Cmd::Stop => {
+                    for slot in 0..self.slots.len() {
+                        self.finish(slot, End::Broken("the data plane stopped".into()));
+                    }
+                    return false;
+                }
             }
         }
         true
@@ -503,17 +573,9 @@ impl Worker {
                 self.slots.len() - 1
             }
         };
-        let id = stream.ticket.id;
         let (up, client) = (stream.up.as_raw_fd(), stream.client.as_raw_fd());
-        if lock(&stream.ticket.meter).cancelled {
-            self.done.push(Done {
-                id,
-                end: End::Cancelled,
-                rest: Vec::new(),
-            });
-            self.free.push(slot);
-            return;
-        }
+        self.by_id.insert(stream.ticket.id, slot);
+        self.slots[slot] = Some(stream);
         let token = (slot as u64) << 1;
         let registered = ctl(
             &self.ep,
@@ -523,22 +585,21 @@ impl Worker {
             token | UP,
         )
         .and_then(|()| ctl(&self.ep, libc::EPOLL_CTL_ADD, client, 0, token | CLIENT));
-        self.slots[slot] = Some(stream);
-        self.by_id.insert(id, slot);
         if let Err(e) = registered {
             self.finish(
                 slot,
                 End::Broken(format!("the data plane could not poll the stream: {e}")),
             );
         }
+        // (A relay cancelled before it was added ends at its Cancel command, which follows.)
     }
 
     fn on_upstream(&mut self, slot: usize, _flags: u32) {
         let Some(Some(s)) = self.slots.get_mut(slot) else {
-            return; // finished earlier in this batch
+            return; // finished earlier in this round
         };
         if !s.reading {
-            return;
+            return; // (out of the epoll since an earlier event of this round)
         }
         // One read per readiness: the paced stream's event is one read; a busier one is read again next round.
         // SAFETY: `buf` is a live buffer of its length; `up` a descriptor the stream owns.
@@ -582,16 +643,18 @@ impl Worker {
         }
         let data = &self.buf[..n as usize];
         let fed = meter.feed_wire(data);
+        let client = s.client.as_raw_fd();
         let sent = match &fed {
             Err(_) => Ok(()),
-            Ok(None) => s.out.send(s.client.as_raw_fd(), data),
-            Ok(Some(out)) => s.out.send(s.client.as_raw_fd(), out),
+            Ok(None) => meter.outbox.send(client, data),
+            Ok(Some(out)) => meter.outbox.send(client, out),
         };
         let wire = meter.wire.as_ref();
         let (done, excess) = (
             wire.is_some_and(Framed::done),
             wire.is_some_and(Framed::excess),
         );
+        let pending = meter.outbox.pending();
         drop(meter);
         if let Err(e) = fed {
             return self.finish(slot, End::Malformed(e.to_string()));
@@ -602,7 +665,7 @@ impl Worker {
         if done {
             return self.finish(slot, End::Body { reusable: !excess });
         }
-        self.poll(slot);
+        self.poll(slot, pending);
     }
 
     fn on_client(&mut self, slot: usize, flags: u32) {
@@ -615,21 +678,29 @@ impl Worker {
                 End::ClientGone("the client closed the connection".into()),
             );
         }
-        if s.out.pending() > 0 {
-            if let Err(e) = s.out.flush(s.client.as_raw_fd()) {
-                return self.finish(slot, End::ClientGone(e.to_string()));
-            }
+        let mut meter = lock(&s.ticket.meter);
+        if meter.cancelled {
+            drop(meter);
+            return self.finish(slot, End::Cancelled);
         }
-        self.poll(slot);
+        let flushed = match meter.outbox.pending() {
+            0 => Ok(()),
+            _ => meter.outbox.flush(s.client.as_raw_fd()),
+        };
+        let pending = meter.outbox.pending();
+        drop(meter);
+        match flushed {
+            Ok(()) => self.poll(slot, pending),
+            Err(e) => self.finish(slot, End::ClientGone(e.to_string())),
+        }
     }
 
-    /// Polls the stream's sockets for what it waits on now: the client for room while bytes wait for it, the
-    /// upstream unless more than `high` bytes wait.
-    fn poll(&mut self, slot: usize) {
+    /// Polls the stream's sockets for what it waits on now, `pending` bytes waiting for the client: the client
+    /// for room while any wait, the upstream unless more than `high` do.
+    fn poll(&mut self, slot: usize, pending: usize) {
         let Some(Some(s)) = self.slots.get_mut(slot) else {
             return;
         };
-        let pending = s.out.pending();
         s.ticket.buffered.store(pending, Ordering::Relaxed);
         let (writing, reading) = (pending > 0, pending <= s.high);
         let token = (slot as u64) << 1;
@@ -648,12 +719,16 @@ impl Worker {
         }
         if reading != s.reading && failed.is_none() {
             s.reading = reading;
-            let events = if reading { libc::EPOLLIN as u32 } else { 0 };
+            let op = if reading {
+                libc::EPOLL_CTL_ADD
+            } else {
+                libc::EPOLL_CTL_DEL
+            };
             failed = ctl(
                 &self.ep,
-                libc::EPOLL_CTL_MOD,
+                op,
                 s.up.as_raw_fd(),
-                events,
+                libc::EPOLLIN as u32,
                 token | UP,
             )
             .err();
@@ -666,7 +741,8 @@ impl Worker {
         }
     }
 
-    /// Ends a relay: its descriptors leave the epoll and are closed, and its `Done` is queued.
+    /// Ends a relay: its descriptors leave the epoll and are closed, and its `Done` is queued for the owner,
+    /// with the bytes it had not written (under its meter lock: a `cancel` either takes them or finds the Done).
     fn finish(&mut self, slot: usize, end: End) {
         let Some(Some(s)) = self.slots.get_mut(slot).map(Option::take) else {
             return;
@@ -675,33 +751,33 @@ impl Worker {
         self.free.push(slot);
         self.by_id.remove(&id);
         // Explicitly: the owner's descriptors for these sockets stay open, so closing ours would not remove them.
-        for fd in [s.up.as_raw_fd(), s.client.as_raw_fd()] {
-            let _ = ctl(&self.ep, libc::EPOLL_CTL_DEL, fd, 0, 0);
+        let _ = ctl(&self.ep, libc::EPOLL_CTL_DEL, s.client.as_raw_fd(), 0, 0);
+        if s.reading {
+            let _ = ctl(&self.ep, libc::EPOLL_CTL_DEL, s.up.as_raw_fd(), 0, 0);
         }
         s.ticket.buffered.store(0, Ordering::Relaxed);
+        let mut meter = lock(&s.ticket.meter);
+        if meter.cancelled {
+            return; // the owner took the bytes and expects no Done
+        }
+        let rest = std::mem::take(&mut meter.outbox).into_rest();
         let rest = match end {
             End::ClientGone(_) | End::Cancelled => Vec::new(),
-            _ => s.out.into_rest(),
+            _ => rest,
         };
-        self.done.push(Done { id, end, rest });
+        meter.finished = true;
+        let mut done = self
+            .shared
+            .done
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.finished |= done.is_empty();
+        done.push(Done { id, end, rest });
     }
 
-    /// Hands the finished relays to the owner, with one wake-up per batch.
+    /// Wakes the owner once for the relays finished this round.
     fn report(&mut self) {
-        if self.done.is_empty() {
-            return;
-        }
-        let was_empty = {
-            let mut done = self
-                .shared
-                .done
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let was_empty = done.is_empty();
-            done.append(&mut self.done);
-            was_empty
-        };
-        if was_empty {
+        if std::mem::take(&mut self.finished) {
             self.shared.notify.bump();
         }
     }

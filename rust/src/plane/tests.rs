@@ -130,6 +130,21 @@ fn set_buffer(s: &TcpStream, opt: libc::c_int, size: libc::c_int) {
     assert_eq!(rc, 0);
 }
 
+/// A relay of `meter` between two new loopback connections: (its ticket, the owner's two sockets, the
+/// upstream's peer, the client's peer).
+fn start(
+    plane: &Plane,
+    meter: SharedMeter,
+    high: usize,
+) -> (Arc<Ticket>, Owners, TcpStream, TcpStream) {
+    let (up, upstream) = pair();
+    let (client, peer) = pair();
+    let ticket = plane
+        .relay(meter, owned(&up), owned(&client), high)
+        .unwrap();
+    (ticket, (up, client), upstream, peer)
+}
+
 fn owned(s: &TcpStream) -> OwnedFd {
     s.try_clone().unwrap().into()
 }
@@ -140,7 +155,9 @@ fn a_chunked_stream_reaches_the_client_unchanged_and_metered() {
     let (up, mut upstream) = pair();
     let (client, mut peer) = pair();
     let meter = chat_meter(Framing::Chunked, true);
-    let ticket = plane.relay(meter.clone(), owned(&up), owned(&client), 64 * 1024);
+    let ticket = plane
+        .relay(meter.clone(), owned(&up), owned(&client), 64 * 1024)
+        .unwrap();
     let mut sent = String::new();
     for i in 0..20 {
         upstream.write_all(chunk(&delta(i)).as_bytes()).unwrap();
@@ -176,12 +193,14 @@ fn an_unchunked_client_gets_the_bare_payload() {
     let plane = Plane::start().unwrap();
     let (up, mut upstream) = pair();
     let (client, mut peer) = pair();
-    let _ticket = plane.relay(
-        chat_meter(Framing::Chunked, false),
-        owned(&up),
-        owned(&client),
-        1024,
-    );
+    let _ticket = plane
+        .relay(
+            chat_meter(Framing::Chunked, false),
+            owned(&up),
+            owned(&client),
+            1024,
+        )
+        .unwrap();
     let body = delta(1) + "data: [DONE]\n\n";
     upstream
         .write_all((chunk(&delta(1)) + &chunk("data: [DONE]\n\n") + "0\r\n\r\n").as_bytes())
@@ -203,7 +222,9 @@ fn a_slow_client_holds_the_upstream_back_and_loses_nothing() {
     client.set_nodelay(true).unwrap();
     set_buffer(&client, libc::SO_SNDBUF, 16 * 1024);
     set_buffer(&peer, libc::SO_RCVBUF, 64 * 1024);
-    let ticket = plane.relay(meter, owned(&up), owned(&client), high);
+    let ticket = plane
+        .relay(meter, owned(&up), owned(&client), high)
+        .unwrap();
     let writer = {
         let body = body.clone();
         std::thread::spawn(move || upstream.write_all(body.as_bytes()).map(|()| upstream))
@@ -239,14 +260,8 @@ fn a_slow_client_holds_the_upstream_back_and_loses_nothing() {
 #[test]
 fn an_upstream_that_closes_early_breaks_the_relay() {
     let plane = Plane::start().unwrap();
-    let (up, mut upstream) = pair();
-    let (client, mut peer) = pair();
-    plane.relay(
-        chat_meter(Framing::Chunked, true),
-        owned(&up),
-        owned(&client),
-        1024,
-    );
+    let (_ticket, _owners, mut upstream, mut peer) =
+        start(&plane, chat_meter(Framing::Chunked, true), 1024);
     upstream.write_all(chunk(&delta(0)).as_bytes()).unwrap();
     assert_eq!(read_payload(&mut peer, &delta(0)), delta(0));
     drop(upstream);
@@ -261,14 +276,8 @@ fn an_upstream_that_closes_early_breaks_the_relay() {
 #[test]
 fn a_body_read_to_the_close_ends_at_the_close() {
     let plane = Plane::start().unwrap();
-    let (up, mut upstream) = pair();
-    let (client, mut peer) = pair();
-    plane.relay(
-        chat_meter(Framing::Close, false),
-        owned(&up),
-        owned(&client),
-        1024,
-    );
+    let (_ticket, _owners, mut upstream, mut peer) =
+        start(&plane, chat_meter(Framing::Close, false), 1024);
     let body = delta(0) + "data: [DONE]\n\n";
     upstream.write_all(body.as_bytes()).unwrap();
     drop(upstream);
@@ -279,14 +288,8 @@ fn a_body_read_to_the_close_ends_at_the_close() {
 #[test]
 fn malformed_framing_ends_the_relay() {
     let plane = Plane::start().unwrap();
-    let (up, mut upstream) = pair();
-    let (client, _peer) = pair();
-    plane.relay(
-        chat_meter(Framing::Chunked, true),
-        owned(&up),
-        owned(&client),
-        1024,
-    );
+    let (_ticket, _owners, mut upstream, _peer) =
+        start(&plane, chat_meter(Framing::Chunked, true), 1024);
     upstream.write_all(b"zz\r\nnot chunked\r\n").unwrap();
     assert!(matches!(next_done(&plane).end, End::Malformed(_)));
 }
@@ -297,15 +300,19 @@ fn after_cancel_nothing_more_is_metered_or_written() {
     let (up, mut upstream) = pair();
     let (client, mut peer) = pair();
     let meter = chat_meter(Framing::Chunked, true);
-    let ticket = plane.relay(meter.clone(), owned(&up), owned(&client), 1024);
+    let ticket = plane
+        .relay(meter.clone(), owned(&up), owned(&client), 1024)
+        .unwrap();
     upstream.write_all(chunk(&delta(0)).as_bytes()).unwrap();
     assert_eq!(read_payload(&mut peer, &delta(0)), delta(0));
-    plane.cancel(&ticket);
+    assert!(plane.cancel(&ticket).is_empty()); // the client had taken everything
     let events = lock(&meter).core.events();
     upstream.write_all(chunk(&delta(1)).as_bytes()).unwrap();
-    let done = next_done(&plane);
-    assert_eq!((done.id, done.end), (ticket.id, End::Cancelled));
-    std::thread::sleep(Duration::from_millis(50));
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        plane.completed().is_empty(),
+        "a cancelled relay reported an end"
+    );
     assert_eq!(lock(&meter).core.events(), events);
     peer.set_nonblocking(true).unwrap();
     let mut buf = [0u8; 64];
@@ -315,14 +322,8 @@ fn after_cancel_nothing_more_is_metered_or_written() {
 #[test]
 fn a_client_that_went_away_ends_the_relay() {
     let plane = Plane::start().unwrap();
-    let (up, mut upstream) = pair();
-    let (client, peer) = pair();
-    plane.relay(
-        chat_meter(Framing::Chunked, true),
-        owned(&up),
-        owned(&client),
-        1024,
-    );
+    let (_ticket, (_up, client), mut upstream, peer) =
+        start(&plane, chat_meter(Framing::Chunked, true), 1024);
     drop(peer);
     drop(client); // (the owner's own descriptor closes too, as the event loop's would)
     let mut ended = None;
@@ -348,12 +349,14 @@ fn many_streams_at_once_each_arrive_whole() {
     for _ in 0..32 {
         let (up, upstream) = pair();
         let (client, peer) = pair();
-        let t = plane.relay(
-            chat_meter(Framing::Chunked, true),
-            owned(&up),
-            owned(&client),
-            4096,
-        );
+        let t = plane
+            .relay(
+                chat_meter(Framing::Chunked, true),
+                owned(&up),
+                owned(&client),
+                4096,
+            )
+            .unwrap();
         streams.push((t, up, client, upstream, peer));
     }
     let expect: String = (0..10).map(delta).collect();
@@ -379,4 +382,147 @@ fn many_streams_at_once_each_arrive_whole() {
     let mut want: Vec<u64> = streams.iter().map(|s| s.0.id).collect();
     want.sort_unstable();
     assert_eq!(ids, want);
+}
+
+/// The owner's two sockets (kept open, as the event loop's transports are).
+type Owners = (TcpStream, TcpStream);
+
+/// A relay whose client has stopped reading, holding bytes for it: (plane, ticket, upstream's peer, client's
+/// peer, the body the upstream sends, the owner's sockets).
+fn stalled_relay() -> (Plane, Arc<Ticket>, TcpStream, TcpStream, String, Owners) {
+    let plane = Plane::start().unwrap();
+    let (up, upstream) = pair();
+    let (client, peer) = pair();
+    client.set_nodelay(true).unwrap();
+    set_buffer(&client, libc::SO_SNDBUF, 16 * 1024);
+    set_buffer(&peer, libc::SO_RCVBUF, 16 * 1024);
+    let body: String = (0..20_000).map(delta).collect();
+    let meter = chat_meter(Framing::Length(body.len() as u64 + 100), false);
+    let ticket = plane
+        .relay(meter, owned(&up), owned(&client), 16 * 1024)
+        .unwrap();
+    (plane, ticket, upstream, peer, body, (up, client))
+}
+
+#[test]
+fn cancel_hands_back_the_held_bytes_and_nothing_is_written_after_it() {
+    let (plane, ticket, mut upstream, mut peer, body, _owners) = stalled_relay();
+    let writer = {
+        let body = body.clone();
+        std::thread::spawn(move || {
+            let _ = upstream.write_all(body.as_bytes()); // (blocks once the relay stops reading)
+            upstream
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ticket.buffered() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "nothing was held for the stalled client"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    let rest = plane.cancel(&ticket);
+    assert!(!rest.is_empty());
+    // The client now reads all it can: what it got before the cancel, then the held bytes, is a prefix of the
+    // body, in order, with nothing after it.
+    peer.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    while let Ok(n) = peer.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    got.extend_from_slice(&rest);
+    assert!(got.len() < body.len());
+    assert!(
+        body.as_bytes().starts_with(&got),
+        "the client's bytes and the held ones are not the body's prefix"
+    );
+    assert!(plane.completed().is_empty());
+    drop(peer); // (lets the writer's blocked write fail)
+    drop(writer);
+}
+
+#[test]
+fn an_upstream_reset_while_the_client_is_full_costs_no_cpu_and_ends_the_relay() {
+    let (plane, ticket, upstream, mut peer, body, _owners) = stalled_relay();
+    let mut upstream = upstream;
+    upstream.set_nonblocking(true).unwrap();
+    let _ = upstream.write(body.as_bytes()); // as much as the sockets take: the relay stops reading
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ticket.buffered() <= 16 * 1024 {
+        assert!(Instant::now() < deadline, "the relay did not fill up");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // A reset (linger 0): the upstream socket has an error pending while the relay does not read it.
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid socket and a linger value.
+    unsafe {
+        use std::os::fd::AsRawFd;
+        libc::setsockopt(
+            upstream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+    drop(upstream);
+    let cpu = plane.thread_cpu_ns();
+    std::thread::sleep(Duration::from_millis(300));
+    let spent = plane.thread_cpu_ns() - cpu;
+    assert!(
+        spent < 50_000_000,
+        "the plane thread spent {} ms of CPU while waiting",
+        spent / 1_000_000
+    );
+    // The client reads again: the relay reads the upstream again and finds the reset.
+    peer.set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let done = loop {
+        let _ = peer.read(&mut buf);
+        if let Some(done) = plane.completed().pop() {
+            break done;
+        }
+        assert!(Instant::now() < deadline, "the reset never ended the relay");
+    };
+    assert!(matches!(&done.end, End::Broken(_)), "{:?}", done.end);
+}
+
+#[test]
+fn stopping_the_plane_ends_every_relay_and_refuses_new_ones() {
+    let plane = Plane::start().unwrap();
+    let (up, _upstream) = pair();
+    let (client, _peer) = pair();
+    let ticket = plane
+        .relay(
+            chat_meter(Framing::Chunked, true),
+            owned(&up),
+            owned(&client),
+            1024,
+        )
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    plane.stop();
+    let done = plane.completed();
+    assert_eq!(done.len(), 1);
+    assert_eq!(done[0].id, ticket.id);
+    assert!(matches!(&done[0].end, End::Broken(m) if m.contains("stopped")));
+    let again = plane.relay(
+        chat_meter(Framing::Chunked, true),
+        owned(&up),
+        owned(&client),
+        1024,
+    );
+    assert!(again.is_err());
 }

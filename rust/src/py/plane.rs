@@ -18,8 +18,6 @@ const RELAY_MALFORMED: u8 = 1;
 const RELAY_CLIENT_GONE: u8 = 2;
 /// The upstream connection failed or closed before the body's end (`arg`: the message).
 const RELAY_BROKEN: u8 = 3;
-/// Cancelled by its owner (`arg`: None).
-const RELAY_CANCELLED: u8 = 4;
 
 /// A duplicate of `fd`, close-on-exec, for the plane to own.
 fn dup(fd: i32) -> PyResult<OwnedFd> {
@@ -71,8 +69,12 @@ impl PyPlane {
             return Err(PyValueError::new_err("relay() of a meter before frame()"));
         }
         let (up, client) = (dup(upstream_fd)?, dup(client_fd)?);
+        let ticket = self
+            .plane
+            .relay(inner, up, client, high)
+            .map_err(|e| PyOSError::new_err(e.to_string()))?;
         Ok(PyRelay {
-            ticket: self.plane.relay(inner, up, client, high),
+            ticket,
             plane: self.plane.clone(),
         })
     }
@@ -97,7 +99,11 @@ impl PyPlane {
                 End::Malformed(m) => (RELAY_MALFORMED, m.into_pyobject(py)?.into_any().unbind()),
                 End::ClientGone(m) => (RELAY_CLIENT_GONE, m.into_pyobject(py)?.into_any().unbind()),
                 End::Broken(m) => (RELAY_BROKEN, m.into_pyobject(py)?.into_any().unbind()),
-                End::Cancelled => (RELAY_CANCELLED, py.None()),
+                // (never queued: a cancelled relay is not reported)
+                End::Cancelled => (
+                    RELAY_BROKEN,
+                    "cancelled".into_pyobject(py)?.into_any().unbind(),
+                ),
             };
             out.push((done.id, kind, arg, PyBytes::new(py, &done.rest)));
         }
@@ -137,10 +143,11 @@ impl PyRelay {
         self.ticket.buffered()
     }
 
-    /// Stops the relay: once this returns nothing more is metered or written to the client. Its kind
-    /// (RELAY_CANCELLED, or how it had ended just before) still comes from `completed()`.
-    fn cancel(&self) {
-        self.plane.cancel(&self.ticket);
+    /// Stops the relay: once this returns nothing more is metered or written to the client, and it will not be
+    /// in `completed()`. Returns the metered bytes it had not written: the caller's to write, before anything
+    /// else.
+    fn cancel<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &self.plane.cancel(&self.ticket))
     }
 }
 
@@ -151,6 +158,5 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("RELAY_MALFORMED", RELAY_MALFORMED)?;
     m.add("RELAY_CLIENT_GONE", RELAY_CLIENT_GONE)?;
     m.add("RELAY_BROKEN", RELAY_BROKEN)?;
-    m.add("RELAY_CANCELLED", RELAY_CANCELLED)?;
     Ok(())
 }
