@@ -178,6 +178,7 @@ class Response:
         "_pending",
         "_plane",
         "_relay",
+        "_relay_to",
         "_waiter",
         "body",
         "client",
@@ -223,6 +224,7 @@ class Response:
         self._waiter: asyncio.Future[None] | None = None
         self._plane: DataPlane | None = None
         self._relay: Relay | None = None  # the data plane relays the rest of the body (see `pump`)
+        self._relay_to: asyncio.Transport | None = None  # to the client's transport
         # Called in the callback that completes the head (see `send`); while `_held` is set, the head future waits
         # until it returns True (or the body ends or breaks, or `stop_holding()`).
         self.on_head: Callable[[Response], bool] | None = None
@@ -322,6 +324,7 @@ class Response:
         """The connection closed while this response was on it."""
         if self._ended:
             return
+        self._cancel_relay()  # (before the meter is touched here)
         if self.closed_by_us:
             self._fail(UpstreamError("the connection was closed"))
             return
@@ -397,10 +400,17 @@ class Response:
         return relay.buffered if relay is not None else 0
 
     def _cancel_relay(self) -> None:
+        """Takes the rest of the stream back from the data plane: nothing more is relayed, and what it had metered
+        but not yet written to the client goes out through the client's transport, ahead of anything else."""
         relay, self._relay = self._relay, None
-        if relay is not None and self._plane is not None:
-            self.last_read = relay.last_read
-            self._plane.cancel(relay)
+        if relay is None or self._plane is None:
+            return
+        self.last_read = relay.last_read
+        rest = self._plane.cancel(relay)
+        client = self._relay_to
+        if rest and client is not None and not client.is_closing():
+            with contextlib.suppress(RuntimeError, OSError):
+                client.write(rest)
 
     def release(self) -> None:
         """Done with the response: an unfinished body closes the connection (it cannot carry another request)."""
@@ -515,7 +525,7 @@ class Response:
         its writes as that writer does (chunked or not) and waits on its drain when the client reads slowly."""
         feed = self._feed
         assert feed is not None
-        if self._pending:  # made in pull mode (unframed): the writer frames it
+        while self._pending:  # made in pull mode (unframed): the writer frames it (more may come while it drains)
             pending, self._pending = self._pending, []
             await writer.write(b"".join(pending))
         if self._ended:
@@ -640,7 +650,7 @@ class Response:
         except OSError:
             upstream.resume_reading()
             return False
-        self._plane = plane
+        self._plane, self._relay_to = plane, client
         try:
             while not self._ended:
                 await self._wait(None)

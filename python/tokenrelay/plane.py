@@ -15,7 +15,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from tokenrelay._core import Plane, Relay, StreamMeter
+from tokenrelay._core import RELAY_BROKEN, Plane, Relay, StreamMeter
 
 log = logging.getLogger("tokenrelay.plane")
 
@@ -45,15 +45,18 @@ class DataPlane:
     def relay(self, meter: StreamMeter, upstream_fd: int, client_fd: int, high: int, on_done: OnDone) -> Relay:
         """Relays the rest of a stream (see `Plane.relay`); `on_done(kind, arg, rest)` is called in the event loop
         when it ended, unless it was `cancel()`led first."""
+        if self.closed:
+            raise OSError("the data plane is closed")
         relay = self._plane.relay(meter, upstream_fd, client_fd, high)
         self._waiting[relay.id] = on_done
         self.relays += 1
         return relay
 
-    def cancel(self, relay: Relay) -> None:
-        """Stops a relay now: nothing more is metered or written; its `on_done` is not called."""
-        relay.cancel()
+    def cancel(self, relay: Relay) -> bytes:
+        """Stops a relay now: nothing more is metered or written; its `on_done` is not called. Returns the bytes
+        it had metered and not written: the caller's to write to the client before anything else."""
         self._waiting.pop(relay.id, None)
+        return relay.cancel()
 
     @property
     def in_flight(self) -> int:
@@ -75,4 +78,8 @@ class DataPlane:
             return
         self.closed = True
         self.loop.remove_reader(self._fd)
-        self._plane.close()
+        self._plane.close()  # (the relays still in progress end as broken)
+        self._ready()
+        for on_done in list(self._waiting.values()):
+            on_done(RELAY_BROKEN, "the data plane stopped", b"")
+        self._waiting.clear()
