@@ -213,6 +213,16 @@ async def _endless(request: Request, writer: asyncio.StreamWriter) -> None:
         await asyncio.sleep(0.01)
 
 
+async def _stall(request: Request, writer: asyncio.StreamWriter) -> None:
+    """Six content events 150 ms apart (each a read of its own, after the proxy committed), then nothing."""
+    writer.write(_head("200 OK", "text/event-stream", "Transfer-Encoding: chunked"))
+    for i in range(6):
+        writer.write(_chunk(chat_event(f"s{i} ")))
+        await writer.drain()
+        await asyncio.sleep(0.15)
+    await asyncio.sleep(3600)
+
+
 async def _firehose(request: Request, writer: asyncio.StreamWriter) -> None:
     """As fast as the socket takes it: 64 KiB events, forever."""
     event = chat_event("y" * 65536)
@@ -305,6 +315,7 @@ BEHAVIOURS: dict[str, Behaviour] = {
     "huge": _huge,
     "oversized": _oversized,
     "endless": _endless,
+    "stall": _stall,
     "firehose": _firehose,
     "textplain": _text_plain,
     "html200": _html_200,

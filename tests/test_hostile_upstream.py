@@ -19,6 +19,7 @@ from tests.hostile import TEN_MB, HostileUpstream, good_stream
 KEY = "sk-upstream-secret-123"
 MODES = (
     "ok",
+    "stall",
     "badutf8",
     "huge",
     "oversized",
@@ -184,6 +185,27 @@ async def test_endless_stream_is_cut_by_the_total_timeout(relay: Daemon) -> None
     rec = record_for(relay, "h-endless")
     assert rec["error_class"] == "timeout"
     assert rec["usage"]["output"] > 10 and rec["usage"]["output_source"] == "estimated"
+    assert_alive(relay)
+
+
+async def test_a_stream_that_stalls_after_its_content_started_is_cut_by_the_idle_timeout(relay: Daemon) -> None:
+    # The events after the first go through the data plane: its clock of the last read is the watchdog's. The
+    # last event comes ~0.9 s in, so the idle timeout (1.5 s) is due at ~2.4 s: counted from the commit instead
+    # it would cut at ~1.5 s, and never counted, the total timeout (3 s) would.
+    relayed = relay.metric("tokenrelay_data_plane_relays_total")
+    started = time.monotonic()
+    status, data = await post_stream(relay, "h-stall")
+    elapsed = time.monotonic() - started
+    assert status == 200
+    assert 2.1 < elapsed < 2.95, elapsed
+    for i in range(6):
+        assert f'"content": "s{i} "'.encode() in data or f'"content":"s{i} "'.encode() in data
+    events = error_events(data)
+    assert len(events) == 1 and "idle timeout" in events[0]["error"]["message"]
+    assert data.rstrip().endswith(b"}")  # the error event is the last thing, whole
+    rec = record_for(relay, "h-stall")
+    assert rec["error_class"] == "timeout" and rec["usage"]["output"] > 0
+    assert relay.metric("tokenrelay_data_plane_relays_total") == relayed + 1
     assert_alive(relay)
 
 
