@@ -25,7 +25,18 @@ from typing import Any
 from aiohttp import web, web_protocol
 from tokenrelay import h1client, relay
 
-STEPS = ["request in", "upstream sent", "upstream head", "hold", "first token", "commit", "prepare", "first write"]
+STEPS = [
+    "request in",
+    "handler",
+    "attempt",
+    "upstream sent",
+    "upstream head",
+    "hold",
+    "first token",
+    "commit",
+    "prepare",
+    "first write",
+]
 marks: list[tuple[str, int]] = []
 gc_passes: dict[int, list[float]] = {0: [], 1: [], 2: []}
 _gc_start = [0.0]
@@ -51,6 +62,23 @@ def _mark(cls: Any, name: str, step: str) -> None:
         return original(*args, **kwargs)
 
     setattr(cls, name, wrapped if inspect.iscoroutinefunction(original) else wrapped_sync)
+
+
+durations: dict[str, list[float]] = {}
+
+
+def _time(cls: Any, name: str, label: str) -> None:
+    """How long each call of an async method takes (steps not every request has, e.g. a new upstream connection)."""
+    original: Callable[..., Any] = getattr(cls, name)
+
+    async def timed(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter_ns()
+        try:
+            return await original(*args, **kwargs)
+        finally:
+            durations.setdefault(label, []).append((time.perf_counter_ns() - start) / 1000)
+
+    setattr(cls, name, timed)
 
 
 def _on_gc(phase: str, info: dict[str, Any]) -> None:
@@ -79,6 +107,9 @@ def _report() -> None:
         if d:
             p50, p90, p99 = (d[min(len(d) - 1, int(len(d) * q))] for q in (0.5, 0.9, 0.99))
             print(f"  {a:>14} -> {b:<14} p50 {p50:8.1f} us   p90 {p90:8.1f} us   p99 {p99:8.1f} us", file=out)
+    for label, d in durations.items():
+        d.sort()
+        print(f"  {label}: {len(d)} calls, p50 {d[len(d) // 2]:.1f} us, p90 {d[int(len(d) * 0.9)]:.1f} us", file=out)
     for generation, passes in gc_passes.items():
         if passes:
             passes.sort()
@@ -91,6 +122,8 @@ def _report() -> None:
 
 def main() -> int:
     _mark(web_protocol.RequestHandler, "data_received", "request in")
+    _mark(relay.Relay, "handle", "handler")
+    _mark(relay.Relay, "_open", "attempt")
     _mark(h1client.Client, "send", "upstream sent")
     _mark(h1client.Response, "_head", "upstream head")
     _mark(relay.Relay, "_open_stream", "hold")
@@ -98,6 +131,7 @@ def main() -> int:
     _mark(relay.Relay, "_deliver", "commit")
     _mark(web.StreamResponse, "prepare", "prepare")
     _mark(relay._StreamHead, "write", "first write")
+    _time(h1client.Client, "_connect", "new upstream connection (inside upstream sent -> head)")
     gc.callbacks.append(_on_gc)
     atexit.register(_report)
     from tokenrelay.cli import main as cli
