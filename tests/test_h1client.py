@@ -106,6 +106,41 @@ async def test_keep_alive_connection_is_reused() -> None:
     assert b"x-n: 2\r\n" in heads[2]
 
 
+async def test_a_burst_of_streams_finds_a_connection_ready() -> None:
+    # Each stream stays open until the test ends; with one in flight, a request that finds no idle connection
+    # leaves a spare made in the background, so the next one does not wait for a handshake.
+    release = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError):
+            while True:
+                await read_request(reader)
+                writer.write(SSE_HEAD + chunk(ROLE))
+                await writer.drain()
+                await release.wait()
+                writer.write(chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+                await writer.drain()
+
+    async with server(handler) as (url, connections):
+        client = Client(asyncio.get_running_loop())
+        key = origin_of(url).key
+        first = await client.request("POST", url, "/s", {}, b"{}", connect_timeout=5)
+        await asyncio.sleep(0.05)
+        assert connections[0] == 1 and not client.idle.get(key)  # alone: no spare
+        second = await client.request("POST", url, "/s", {}, b"{}", connect_timeout=5)
+        await asyncio.sleep(0.05)
+        assert connections[0] == 3 and len(client.idle[key]) == 1  # its own, and a spare
+        spare = client.idle[key][0]
+        third = await client.request("POST", url, "/s", {}, b"{}", connect_timeout=5)
+        assert third.conn is spare  # no handshake on its way
+        await asyncio.sleep(0.05)
+        assert connections[0] == 4 and len(client.idle[key]) == 1  # and the next spare is ready
+        release.set()
+        for resp in (first, second, third):
+            resp.release()
+        await client.close()
+
+
 async def test_connection_closed_while_idle_is_retried_on_a_new_one() -> None:
     # no Connection: close, yet the server hangs up after one answer (as servers do on their idle timeout)
     async with server(answer_once(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")) as (url, connections):

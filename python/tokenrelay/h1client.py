@@ -290,6 +290,7 @@ class Response:
             return
         self._cancel_relay()  # (ended otherwise than by the relay's own end: on_lost)
         self._ended = True
+        self.client._finished(self.conn.key)
         self.sink = _ignore  # the sinks are bound methods and closures of self: no cycle left for the GC
         conn = self.conn
         if conn.response is self:
@@ -306,6 +307,7 @@ class Response:
         self._cancel_relay()
         self._error = error
         self._ended = True
+        self.client._finished(self.conn.key)
         self.sink = _ignore
         conn = self.conn
         if conn.response is self:
@@ -764,6 +766,9 @@ class Client:
         self.closed = False
         # Relays committed plaintext streams off the event loop (see `Response.pump`); None: all in the loop.
         self.plane: DataPlane | None = None
+        self._busy: dict[tuple[bool, str, int], int] = {}  # responses in progress per origin
+        self._warming: set[tuple[bool, str, int]] = set()  # origins with a spare connection being made
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def request(
         self,
@@ -804,13 +809,17 @@ class Client:
         body); it may start reading there (`start_stream`) and `hold()` the head until the body has something
         worth a wake-up: then `send()` returns once, not at the head and again at the first read."""
         raw = head + (b"content-length: %d\r\n\r\n" % len(body) if sized else b"\r\n")
+        key = origin.key
         for attempt in (0, 1):
-            conn, reused = self._idle_conn(origin.key)
+            conn, reused = self._idle_conn(key)
             if conn is None:
                 conn = await self._connect(origin, connect_timeout)
+            if self._busy.get(key) and not self.idle.get(key):
+                self._warm(origin, connect_timeout)  # a burst: the next request should not wait for a handshake
             response = Response(self, conn)
             response.on_head = on_head
             conn.response = response
+            self._busy[key] = self._busy.get(key, 0) + 1
             transport = conn.transport
             assert transport is not None
             if len(body) < _COALESCE_BODY:
@@ -828,6 +837,41 @@ class Client:
                 raise
             return response
         raise AssertionError("unreachable")
+
+    def _finished(self, key: tuple[bool, str, int]) -> None:
+        """A response on a connection to `key` ended (see `_busy`)."""
+        left = self._busy.get(key, 0) - 1
+        if left > 0:
+            self._busy[key] = left
+        else:
+            self._busy.pop(key, None)
+
+    def _warm(self, origin: Origin, limit_s: float) -> None:
+        """Opens one spare connection to `origin` in the background, for the next request (at most one at a time
+        per origin). Called when a request found no idle connection left while others to the same origin are in
+        flight — a burst of new streams — so each of the burst's next requests finds a connection ready instead of
+        waiting for a TCP (and TLS) handshake before its first token. What is left when the burst ends idles out
+        like any connection (KEEPALIVE_S)."""
+        key = origin.key
+        if key in self._warming or self.closed:
+            return
+        self._warming.add(key)
+        task = self.loop.create_task(self._preconnect(origin, limit_s))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _preconnect(self, origin: Origin, limit_s: float) -> None:
+        try:
+            conn = await self._connect(origin, limit_s)
+        except UpstreamError:
+            return  # (the next request connects itself, and reports what fails)
+        finally:
+            self._warming.discard(origin.key)
+        if self.closed:
+            if conn.transport is not None:
+                conn.transport.close()
+            return
+        self._release(conn)
 
     def _idle_conn(self, key: tuple[bool, str, int]) -> tuple[_Conn | None, bool]:
         idle = self.idle.get(key)
@@ -926,6 +970,8 @@ class Client:
         if self._sweep is not None:
             self._sweep.cancel()
             self._sweep = None
+        for task in list(self._tasks):
+            task.cancel()
         if self.plane is not None:
             self.plane.close()
         for idle in self.idle.values():
