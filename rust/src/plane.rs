@@ -48,7 +48,7 @@ pub struct Metered {
     /// When content started, on CLOCK_MONOTONIC.
     pub first_token_ns: Option<u64>,
     /// A relay of this meter was cancelled: the data plane feeds it nothing more and writes nothing more.
-    pub cancelled: bool,
+    cancelled: bool,
     /// The relay ended and its `Done` is queued (with the bytes it had not written).
     finished: bool,
     /// Metered bytes the client has not taken yet (the relay's; behind this lock so that `cancel` can take them).
@@ -75,7 +75,7 @@ impl Metered {
     }
 
     /// One upstream read (wire bytes) through the framing and the meter: `None` to send `data` as it is, else the
-    /// bytes to send instead. `Ok(None)` without a framing is never returned: the framing must be set.
+    /// bytes to send instead. An error before the framing is set.
     pub fn feed_wire(&mut self, data: &[u8]) -> Result<Option<Vec<u8>>, FeedError> {
         let Some(wire) = self.wire.as_mut() else {
             return Err(FeedError::Unframed);
@@ -97,12 +97,15 @@ pub enum FeedError {
 
 pub type SharedMeter = Arc<Mutex<Metered>>;
 
-/// The meter, locked; a panic elsewhere while it was held leaves it usable (its state is still consistent: the
-/// meter is only ever changed by whole calls).
+/// The meter, locked (see [`locked`]).
 pub fn lock(meter: &SharedMeter) -> MutexGuard<'_, Metered> {
-    meter
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+    locked(meter)
+}
+
+/// A mutex of the plane, locked; a panic elsewhere while it was held leaves it usable (what each guards is only
+/// ever changed by whole calls, so it is still consistent).
+fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// How a relayed stream ended.
@@ -117,12 +120,10 @@ pub enum End {
     Broken(String),
     /// Writing to the client failed: it went away.
     ClientGone(String),
-    /// The owner cancelled the relay (never queued: the owner took its bytes and expects no `Done`).
-    Cancelled,
 }
 
 /// A finished relay: its ticket's id, how it ended, and the bytes it had not yet written to the client (theirs
-/// to write, in order, unless the client is gone or the relay was cancelled).
+/// to write, in order, unless the client is gone). A cancelled relay has none.
 #[derive(Debug)]
 pub struct Done {
     pub id: u64,
@@ -191,10 +192,7 @@ struct Shared {
 impl Shared {
     fn send(&self, cmd: Cmd) {
         let was_empty = {
-            let mut cmds = self
-                .cmds
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut cmds = locked(&self.cmds);
             let was_empty = cmds.is_empty();
             cmds.push(cmd);
             was_empty
@@ -276,10 +274,7 @@ impl Plane {
         client: OwnedFd,
         high: usize,
     ) -> io::Result<Arc<Ticket>> {
-        let running = self
-            .thread
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        let running = locked(&self.thread)
             .as_ref()
             .is_some_and(|t| !t.is_finished());
         if !running {
@@ -308,46 +303,31 @@ impl Plane {
     /// not come. Returns the metered bytes the relay had not written to the client (also when it had just ended
     /// and its `Done` was waiting): the caller's to write, in order, before anything else.
     pub fn cancel(&self, ticket: &Ticket) -> Vec<u8> {
-        let rest = {
-            let mut meter = lock(&ticket.meter);
-            meter.cancelled = true;
-            if meter.finished {
-                let mut done = self
-                    .shared
-                    .done
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                match done.iter().position(|d| d.id == ticket.id) {
-                    Some(at) => done.remove(at).rest,
-                    None => Vec::new(), // (already taken by `completed`)
-                }
-            } else {
-                std::mem::take(&mut meter.outbox).into_rest()
-            }
-        };
-        self.shared.send(Cmd::Cancel(ticket.id));
+        let mut meter = lock(&ticket.meter);
+        meter.cancelled = true;
+        if meter.finished {
+            // Ended just before: its Done is taken off the queue (unless `completed` took it already).
+            let mut done = locked(&self.shared.done);
+            return match done.iter().position(|d| d.id == ticket.id) {
+                Some(at) => done.remove(at).rest,
+                None => Vec::new(),
+            };
+        }
+        let rest = std::mem::take(&mut meter.outbox).into_rest();
+        drop(meter);
+        self.shared.send(Cmd::Cancel(ticket.id)); // (the thread lets go of the sockets)
         rest
     }
 
     /// The relays finished since the last call.
     pub fn completed(&self) -> Vec<Done> {
         self.shared.notify.reset();
-        std::mem::take(
-            &mut *self
-                .shared
-                .done
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        )
+        std::mem::take(&mut *locked(&self.shared.done))
     }
 
-    /// Stops the thread (relays still in progress are dropped: their descriptors closed) and waits for it.
+    /// Stops the thread (relays still in progress end as Broken, reported by `completed`) and waits for it.
     pub fn stop(&self) {
-        let thread = self
-            .thread
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
+        let thread = locked(&self.thread).take();
         if let Some(thread) = thread {
             self.shared.send(Cmd::Stop);
             let _ = thread.join();
@@ -539,19 +519,13 @@ impl Worker {
     /// Runs the queued commands; false on Stop (every relay left then ends as Broken).
     fn commands(&mut self) -> bool {
         self.shared.wake.reset();
-        let cmds = std::mem::take(
-            &mut *self
-                .shared
-                .cmds
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        );
+        let cmds = std::mem::take(&mut *locked(&self.shared.cmds));
         for cmd in cmds {
             match cmd {
                 Cmd::Add(stream) => self.add(stream),
                 Cmd::Cancel(id) => {
                     if let Some(&slot) = self.by_id.get(&id) {
-                        self.finish(slot, End::Cancelled);
+                        self.forget(slot);
                     }
                 }
                 Cmd::Stop => {
@@ -630,7 +604,8 @@ impl Worker {
         let mut meter = lock(&s.ticket.meter);
         if meter.cancelled {
             drop(meter);
-            return self.finish(slot, End::Cancelled);
+            self.forget(slot);
+            return;
         }
         if n == 0 {
             let closed = meter.wire.as_mut().map_or(Ok(()), Framed::close);
@@ -681,7 +656,8 @@ impl Worker {
         let mut meter = lock(&s.ticket.meter);
         if meter.cancelled {
             drop(meter);
-            return self.finish(slot, End::Cancelled);
+            self.forget(slot);
+            return;
         }
         let flushed = match meter.outbox.pending() {
             0 => Ok(()),
@@ -741,38 +717,44 @@ impl Worker {
         }
     }
 
-    /// Ends a relay: its descriptors leave the epoll and are closed, and its `Done` is queued for the owner,
-    /// with the bytes it had not written (under its meter lock: a `cancel` either takes them or finds the Done).
-    fn finish(&mut self, slot: usize, end: End) {
-        let Some(Some(s)) = self.slots.get_mut(slot).map(Option::take) else {
-            return;
-        };
-        let id = s.ticket.id;
+    /// Takes a relay off the thread: its descriptors leave the epoll and are closed (when the stream drops).
+    fn forget(&mut self, slot: usize) -> Option<Box<Stream>> {
+        let s = self.slots.get_mut(slot)?.take()?;
         self.free.push(slot);
-        self.by_id.remove(&id);
+        self.by_id.remove(&s.ticket.id);
         // Explicitly: the owner's descriptors for these sockets stay open, so closing ours would not remove them.
         let _ = ctl(&self.ep, libc::EPOLL_CTL_DEL, s.client.as_raw_fd(), 0, 0);
         if s.reading {
             let _ = ctl(&self.ep, libc::EPOLL_CTL_DEL, s.up.as_raw_fd(), 0, 0);
         }
         s.ticket.buffered.store(0, Ordering::Relaxed);
+        Some(s)
+    }
+
+    /// Ends a relay and queues its `Done` for the owner, with the bytes it had not written (under its meter lock:
+    /// a `cancel` either takes them or finds the Done). A relay cancelled meanwhile is only forgotten.
+    fn finish(&mut self, slot: usize, end: End) {
+        let Some(s) = self.forget(slot) else {
+            return;
+        };
         let mut meter = lock(&s.ticket.meter);
         if meter.cancelled {
             return; // the owner took the bytes and expects no Done
         }
         let rest = std::mem::take(&mut meter.outbox).into_rest();
-        let rest = match end {
-            End::ClientGone(_) | End::Cancelled => Vec::new(),
-            _ => rest,
+        let rest = if matches!(end, End::ClientGone(_)) {
+            Vec::new()
+        } else {
+            rest
         };
         meter.finished = true;
-        let mut done = self
-            .shared
-            .done
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut done = locked(&self.shared.done);
         self.finished |= done.is_empty();
-        done.push(Done { id, end, rest });
+        done.push(Done {
+            id: s.ticket.id,
+            end,
+            rest,
+        });
     }
 
     /// Wakes the owner once for the relays finished this round.

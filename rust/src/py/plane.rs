@@ -99,18 +99,13 @@ impl PyPlane {
                 End::Malformed(m) => (RELAY_MALFORMED, m.into_pyobject(py)?.into_any().unbind()),
                 End::ClientGone(m) => (RELAY_CLIENT_GONE, m.into_pyobject(py)?.into_any().unbind()),
                 End::Broken(m) => (RELAY_BROKEN, m.into_pyobject(py)?.into_any().unbind()),
-                // (never queued: a cancelled relay is not reported)
-                End::Cancelled => (
-                    RELAY_BROKEN,
-                    "cancelled".into_pyobject(py)?.into_any().unbind(),
-                ),
             };
             out.push((done.id, kind, arg, PyBytes::new(py, &done.rest)));
         }
         Ok(out)
     }
 
-    /// Stops the thread; relays still in progress are dropped.
+    /// Stops the thread; relays still in progress end as RELAY_BROKEN (in the next `completed()`).
     fn close(&self, py: Python<'_>) {
         let plane = self.plane.clone();
         py.detach(move || plane.stop());
