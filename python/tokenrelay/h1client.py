@@ -288,7 +288,6 @@ class Response:
         """The body is complete: the connection goes back to the pool if it can carry another request."""
         if self._ended:
             return
-        self._cancel_relay()  # (ended otherwise than by the relay's own end: on_lost)
         self._ended = True
         self.client._finished(self.conn.key)
         self.sink = _ignore  # the sinks are bound methods and closures of self: no cycle left for the GC
@@ -304,7 +303,7 @@ class Response:
     def _fail(self, error: UpstreamError) -> None:
         if self._ended:
             return
-        self._cancel_relay()
+        self._cancel_relay()  # (every early end passes here: `close`, the watchdog, a break)
         self._error = error
         self._ended = True
         self.client._finished(self.conn.key)
@@ -384,7 +383,6 @@ class Response:
         """Drops the connection (the upstream stops generating); a read in progress ends with UpstreamError."""
         if self._ended:
             return
-        self._cancel_relay()  # (first: the data plane holds the sockets open and writes to the client)
         self.closed_by_us = True
         transport = self.conn.transport
         if transport is not None:
@@ -404,15 +402,25 @@ class Response:
     def _cancel_relay(self) -> None:
         """Takes the rest of the stream back from the data plane: nothing more is relayed, and what it had metered
         but not yet written to the client goes out through the client's transport, ahead of anything else."""
-        relay, self._relay = self._relay, None
-        if relay is None or self._plane is None:
-            return
+        relay = self._relay
+        if relay is not None and self._plane is not None:
+            self._handed_back(relay, self._plane.cancel(relay))
+
+    def _handed_back(self, relay: Relay, rest: bytes) -> bool:
+        """The relay is over (ended or cancelled): its clock becomes the response's, and the bytes it had not
+        written go out first. False if the client's transport is closed (they could not)."""
+        self._relay = None
         self.last_read = relay.last_read
-        rest = self._plane.cancel(relay)
         client = self._relay_to
-        if rest and client is not None and not client.is_closing():
-            with contextlib.suppress(RuntimeError, OSError):
-                client.write(rest)
+        if not rest or client is None:
+            return True
+        if client.is_closing():
+            return False
+        try:
+            client.write(rest)
+        except (RuntimeError, OSError):
+            return False
+        return True
 
     def release(self) -> None:
         """Done with the response: an unfinished body closes the connection (it cannot carry another request)."""
@@ -624,14 +632,10 @@ class Response:
         gone: list[str] = []
 
         def on_done(kind: int, arg: Any, rest: bytes) -> None:
-            relay, self._relay = self._relay, None
-            if relay is not None:
-                self.last_read = relay.last_read
-            if rest and kind != RELAY_CLIENT_GONE:
-                try:
-                    client.write(rest)  # what the relay had not written yet: in order, before anything else
-                except (RuntimeError, OSError) as exc:
-                    kind, arg = RELAY_CLIENT_GONE, str(exc)
+            relay = self._relay
+            assert relay is not None  # (a cancelled relay reports nothing)
+            if not self._handed_back(relay, rest) and kind != RELAY_CLIENT_GONE:
+                kind, arg = RELAY_CLIENT_GONE, "the client's connection is closed"
             if kind == RELAY_END:
                 if arg:
                     upstream.resume_reading()  # (before `_end()` can put the connection back in the pool)

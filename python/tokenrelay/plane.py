@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from tokenrelay._core import RELAY_BROKEN, Plane, Relay, StreamMeter
@@ -25,7 +25,8 @@ ENV = "TOKENRELAY_DATA_PLANE"
 OnDone = Callable[[int, Any, bytes], None]
 
 
-def enabled(env: dict[str, str] | os._Environ[str] | None = None) -> bool:
+def enabled(env: Mapping[str, str] | None = None) -> bool:
+    """Whether committed streams go to the data plane (`TOKENRELAY_DATA_PLANE`, on unless 0/false/no/off)."""
     value = (os.environ if env is None else env).get(ENV, "1").strip().lower()
     return value not in ("0", "false", "no", "off")
 
@@ -73,7 +74,7 @@ class DataPlane:
                 log.exception("a relay's end could not be handled")
 
     def close(self) -> None:
-        """Stops the thread (relays still in progress are dropped: their owners' connections close with them)."""
+        """Stops the thread; the relays still in progress end as broken (their `on_done` is called)."""
         if self.closed:
             return
         self.closed = True
