@@ -363,6 +363,11 @@ def translate_error(upstream: str, client: str, status: int, body: bytes) -> byt
 def parse_response_head(
     buf: bytes, head_request: bool = False
 ) -> tuple[int, str, int, list[tuple[str, str]], int, str, int, bool] | None: ...
+def parse_request_head(
+    buf: bytes | bytearray | memoryview,
+) -> tuple[str, str, int, list[tuple[str, str]], int, int | None, bool, bool] | None:
+    """`(method, target, minor_version, headers, head_len, content_length, unusual, keep_alive)`, or None while
+    incomplete; `unusual`: a Transfer-Encoding, Expect or Upgrade field. ValueError when not a valid head."""
 
 class BodyDecoder:
     def __init__(self, framing: str, length: int = 0) -> None: ...

@@ -100,21 +100,9 @@ pub fn parse_head(buf: &[u8], head_request: bool) -> Result<Option<Head>, H1Erro
         let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut resp = httparse::Response::new(&mut fields);
         let rest = &buf[offset..];
-        let n = match resp.parse(rest) {
-            Ok(httparse::Status::Complete(n)) => n,
-            Ok(httparse::Status::Partial) => {
-                return if rest.len() > MAX_HEAD_BYTES {
-                    Err(H1Error::HeadTooLarge)
-                } else {
-                    Ok(None)
-                };
-            }
-            Err(httparse::Error::TooManyHeaders) => return Err(H1Error::HeadTooLarge),
-            Err(e) => return Err(H1Error::Head(e.to_string())),
+        let Some(n) = head_length(resp.parse(rest), rest.len())? else {
+            return Ok(None);
         };
-        if n > MAX_HEAD_BYTES {
-            return Err(H1Error::HeadTooLarge);
-        }
         let status = resp.code.unwrap_or(0);
         let minor_version = resp.version.unwrap_or(1);
         if (100..200).contains(&status) && status != 101 {
@@ -159,17 +147,7 @@ fn framing(
         if name.eq_ignore_ascii_case("transfer-encoding") {
             transfer_encoding = Some(value); // the last field holds the final coding
         } else if name.eq_ignore_ascii_case("content-length") {
-            for part in value.split(',') {
-                let part = part.trim();
-                if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
-                    return Err(H1Error::ContentLength);
-                }
-                let n: u64 = part.parse().map_err(|_| H1Error::ContentLength)?;
-                if length.is_some_and(|l| l != n) {
-                    return Err(H1Error::ContentLength);
-                }
-                length = Some(n);
-            }
+            add_content_length(&mut length, value)?;
         }
     }
     // Transfer-Encoding overrides Content-Length; a final coding other than chunked reads to the close.
@@ -182,6 +160,37 @@ fn framing(
         });
     }
     Ok(length.map_or(Framing::Close, Framing::Length))
+}
+
+/// The length of a complete head from httparse's result (`None`: incomplete), within the limits.
+fn head_length(
+    parsed: Result<httparse::Status<usize>, httparse::Error>,
+    available: usize,
+) -> Result<Option<usize>, H1Error> {
+    match parsed {
+        Ok(httparse::Status::Complete(n)) if n > MAX_HEAD_BYTES => Err(H1Error::HeadTooLarge),
+        Ok(httparse::Status::Complete(n)) => Ok(Some(n)),
+        Ok(httparse::Status::Partial) if available > MAX_HEAD_BYTES => Err(H1Error::HeadTooLarge),
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(httparse::Error::TooManyHeaders) => Err(H1Error::HeadTooLarge),
+        Err(e) => Err(H1Error::Head(e.to_string())),
+    }
+}
+
+/// Folds one `Content-Length` field (possibly a list) into `length`: every value must be the same number.
+fn add_content_length(length: &mut Option<u64>, value: &str) -> Result<(), H1Error> {
+    for part in value.split(',') {
+        let part = part.trim();
+        if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(H1Error::ContentLength);
+        }
+        let n: u64 = part.parse().map_err(|_| H1Error::ContentLength)?;
+        if length.is_some_and(|l| l != n) {
+            return Err(H1Error::ContentLength);
+        }
+        *length = Some(n);
+    }
+    Ok(())
 }
 
 fn keeps_alive(minor_version: u8, headers: &[(String, String)]) -> bool {
@@ -197,6 +206,65 @@ fn keeps_alive(minor_version: u8, headers: &[(String, String)]) -> bool {
         }
     }
     !close && (minor_version >= 1 || keep)
+}
+
+/// A parsed request head, for the daemon's own front end (`tokenrelay.server`): only what it needs to tell a
+/// relayed API call with a `Content-Length` body from everything it leaves to aiohttp.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestHead {
+    /// The method, as sent.
+    pub method: String,
+    /// The request target (origin form: path and query).
+    pub target: String,
+    /// 0 or 1 (HTTP/1.0 or HTTP/1.1).
+    pub minor_version: u8,
+    /// The header fields in order (values lossily decoded, trimmed).
+    pub headers: Vec<(String, String)>,
+    /// The length of the head in bytes, its blank line included.
+    pub len: usize,
+    /// The body's `Content-Length`; `None` with no such field.
+    pub content_length: Option<u64>,
+    /// A `Transfer-Encoding`, `Expect` or `Upgrade` field is present: a request the front end does not frame.
+    pub unusual: bool,
+    /// Whether the connection may carry another request after this one.
+    pub keep_alive: bool,
+}
+
+/// Parses the request head at the start of `buf`. `Ok(None)`: incomplete, read more. An error for a head that
+/// is not HTTP/1.x, too large, or with conflicting `Content-Length` values.
+pub fn parse_request_head(buf: &[u8]) -> Result<Option<RequestHead>, H1Error> {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut fields);
+    let Some(n) = head_length(req.parse(buf), buf.len())? else {
+        return Ok(None);
+    };
+    let mut content_length: Option<u64> = None;
+    let mut unusual = false;
+    let mut headers = Vec::with_capacity(req.headers.len());
+    for h in req.headers.iter() {
+        let value = String::from_utf8_lossy(h.value).trim().to_owned();
+        if h.name.eq_ignore_ascii_case("content-length") {
+            add_content_length(&mut content_length, &value)?;
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding")
+            || h.name.eq_ignore_ascii_case("expect")
+            || h.name.eq_ignore_ascii_case("upgrade")
+        {
+            unusual = true;
+        }
+        headers.push((h.name.to_owned(), value));
+    }
+    let minor_version = req.version.unwrap_or(1);
+    let keep_alive = keeps_alive(minor_version, &headers);
+    Ok(Some(RequestHead {
+        method: req.method.unwrap_or("").to_owned(),
+        target: req.path.unwrap_or("").to_owned(),
+        minor_version,
+        headers,
+        len: n,
+        content_length,
+        unusual,
+        keep_alive,
+    }))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

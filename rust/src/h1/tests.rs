@@ -228,6 +228,67 @@ fn write_chunk_framing() {
     assert!(out.starts_with(b"12c\r\naaa") && out.ends_with(b"a\r\n"));
 }
 
+#[test]
+fn a_request_head_in_any_split() {
+    let wire = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 12\r\nAuthorization: Bearer k \r\n\r\n{\"model\":12}";
+    for cut in 0..wire.len() - 12 {
+        assert_eq!(
+            parse_request_head(&wire[..cut]).unwrap(),
+            None,
+            "cut at {cut}"
+        );
+    }
+    let h = parse_request_head(wire).unwrap().unwrap();
+    assert_eq!(
+        (h.method.as_str(), h.target.as_str(), h.minor_version),
+        ("POST", "/v1/chat/completions", 1)
+    );
+    assert_eq!(h.len, wire.len() - 12);
+    assert_eq!(h.content_length, Some(12));
+    assert_eq!(
+        h.headers[2],
+        ("Authorization".to_owned(), "Bearer k".to_owned())
+    );
+    assert!(h.keep_alive && !h.unusual);
+}
+
+#[test]
+fn request_heads_the_front_end_leaves_to_aiohttp() {
+    let head = |s: &str| parse_request_head(s.as_bytes());
+    let chunked = head("POST /v1/x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+        .unwrap()
+        .unwrap();
+    assert!(chunked.unusual && chunked.content_length.is_none());
+    assert!(
+        head("POST /v1/x HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n")
+            .unwrap()
+            .unwrap()
+            .unusual
+    );
+    assert!(!head("GET / HTTP/1.0\r\n\r\n").unwrap().unwrap().keep_alive);
+    assert!(
+        !head("GET / HTTP/1.1\r\nConnection: close\r\n\r\n")
+            .unwrap()
+            .unwrap()
+            .keep_alive
+    );
+    // Smuggling shapes and garbage are errors (the front end hands them to aiohttp, which answers 400).
+    assert_eq!(
+        head("POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n"),
+        Err(H1Error::ContentLength)
+    );
+    assert_eq!(
+        head("POST / HTTP/1.1\r\nContent-Length: -3\r\n\r\n"),
+        Err(H1Error::ContentLength)
+    );
+    assert!(matches!(
+        head("\x16\x03\x01 tls hello\r\n\r\n"),
+        Err(H1Error::Head(_))
+    ));
+    let big = format!("GET / HTTP/1.1\r\nX: {}", "a".repeat(MAX_HEAD_BYTES));
+    assert_eq!(head(&big), Err(H1Error::HeadTooLarge));
+}
+
 proptest! {
     /// Any chunking of any payload, read in any split, decodes to the payload and stops at the body's end.
     #[test]
@@ -250,5 +311,6 @@ proptest! {
     fn arbitrary_bytes_are_an_error_or_a_payload(wire in proptest::collection::vec(any::<u8>(), 0..200)) {
         let _ = decode_split(Framing::Chunked, &wire, &[7, 31]);
         let _ = parse_head(&wire, false);
+        let _ = parse_request_head(&wire);
     }
 }

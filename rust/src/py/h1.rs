@@ -1,4 +1,5 @@
-//! Python glue for the upstream client's HTTP/1.1 framing: `parse_response_head`, `BodyDecoder`.
+//! Python glue for the HTTP/1.1 framing: `parse_response_head`, `BodyDecoder` (the upstream client) and
+//! `parse_request_head` (the daemon's front end).
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -53,6 +54,37 @@ fn parse_response_head(buf: &[u8], head_request: bool) -> PyResult<Option<HeadTu
     )))
 }
 
+type RequestTuple = (
+    String,
+    String,
+    u8,
+    Vec<(String, String)>,
+    usize,
+    Option<u64>,
+    bool,
+    bool,
+);
+
+/// The request head at the start of `buf`: `None` while incomplete, else `(method, target, minor_version,
+/// headers, head_len, content_length, unusual, keep_alive)` (`unusual`: a Transfer-Encoding, Expect or Upgrade
+/// field); ValueError when it is not a valid HTTP/1.x request head.
+#[pyfunction]
+fn parse_request_head(buf: &[u8]) -> PyResult<Option<RequestTuple>> {
+    let Some(h) = h1::parse_request_head(buf).map_err(h1_error)? else {
+        return Ok(None);
+    };
+    Ok(Some((
+        h.method,
+        h.target,
+        h.minor_version,
+        h.headers,
+        h.len,
+        h.content_length,
+        h.unusual,
+        h.keep_alive,
+    )))
+}
+
 /// Decodes one response body from its wire bytes (non-streamed answers and error bodies).
 #[pyclass(module = "tokenrelay._core", name = "BodyDecoder")]
 pub struct PyBodyDecoder {
@@ -103,5 +135,6 @@ impl PyBodyDecoder {
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyBodyDecoder>()?;
     m.add_function(wrap_pyfunction!(parse_response_head, m)?)?;
+    m.add_function(wrap_pyfunction!(parse_request_head, m)?)?;
     Ok(())
 }
