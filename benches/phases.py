@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web, web_protocol
-from tokenrelay import h1client, relay
+from tokenrelay import h1client, relay, server
 
 STEPS = [
     "request in",
@@ -121,6 +121,8 @@ def _report() -> None:
 
 
 def main() -> int:
+    # (either front end: the own one, `tokenrelay.server`, or aiohttp's with TOKENRELAY_FRONT_END=aiohttp)
+    _mark(server.Connection, "data_received", "request in")
     _mark(web_protocol.RequestHandler, "data_received", "request in")
     _mark(relay.Relay, "handle", "handler")
     _mark(relay.Relay, "_open", "attempt")
@@ -129,7 +131,9 @@ def main() -> int:
     _mark(relay.Relay, "_open_stream", "hold")
     _mark(relay.Relay, "_first_token", "first token")
     _mark(relay.Relay, "_deliver", "commit")
+    _mark(server.FastRequest, "stream", "prepare")
     _mark(web.StreamResponse, "prepare", "prepare")
+    _mark(server.FastStream, "write", "first write")
     _mark(relay._StreamHead, "write", "first write")
     _time(h1client.Client, "_connect", "new upstream connection (inside upstream sent -> head)")
     gc.callbacks.append(_on_gc)

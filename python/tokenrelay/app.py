@@ -16,7 +16,7 @@ from dataclasses import replace
 
 from aiohttp import web
 
-from tokenrelay import auth, plane
+from tokenrelay import auth, plane, server
 from tokenrelay._core import Meters
 from tokenrelay.config import Config, with_builtin_routes
 from tokenrelay.h1client import Client
@@ -28,6 +28,7 @@ from tokenrelay.mock import MockProvider
 from tokenrelay.plane import DataPlane
 from tokenrelay.relay import Relay
 from tokenrelay.routing import health_check_loop
+from tokenrelay.server import FrontEnd
 from tokenrelay.state import BACKGROUND, RELAY, STARTED
 
 # The cyclic GC's first generation is collected every GC_THRESHOLD_0 net allocations instead of Python's 700: each
@@ -136,15 +137,27 @@ async def serve(config: Config, sock: socket.socket | None = None, ready_fd: int
         tcp_keepalive=False,  # (the listening socket has it: see bind_socket)
     )
     await runner.setup()
-    # (the site listens again: without `backlog` it would shrink the queue to aiohttp's default of 128)
-    site = web.SockSite(runner, sock, shutdown_timeout=config.shutdown_grace_s, backlog=LISTEN_BACKLOG)
-    await site.start()
+    loop = asyncio.get_running_loop()
+    front: FrontEnd | None = None
+    listener: asyncio.Server | None = None
+    if server.enabled():
+        # The own front end serves the relayed API calls and hands every other connection to aiohttp's server.
+        assert runner.server is not None
+        front = FrontEnd(app, runner.server, auth.middleware, config.max_body_bytes)
+        routes = app[api.FAST_ROUTES]
+        front.routes.update(routes)
+        app[RELAY].front = front
+        # (listening again: without `backlog` the queue would shrink to the default of 100)
+        listener = await loop.create_server(front, sock=sock, backlog=LISTEN_BACKLOG)
+    else:
+        # (the site listens again: without `backlog` it would shrink the queue to aiohttp's default of 128)
+        site = web.SockSite(runner, sock, shutdown_timeout=config.shutdown_grace_s, backlog=LISTEN_BACKLOG)
+        await site.start()
     # Everything built so far (modules, config, app) lives as long as the process: out of the GC's sight.
     gc.collect()
     gc.freeze()
     gc.set_threshold(GC_THRESHOLD_0, *gc.get_threshold()[1:])
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     log.info(
@@ -163,6 +176,9 @@ async def serve(config: Config, sock: socket.socket | None = None, ready_fd: int
         app[RELAY].in_flight,
         config.shutdown_grace_s,
     )
+    if listener is not None and front is not None:
+        listener.close()  # no new connections; the requests in flight finish within the grace period
+        await front.shutdown(config.shutdown_grace_s)
     await runner.cleanup()
 
 

@@ -16,11 +16,12 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import aiohttp
 import orjson
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 
 from tokenrelay import metering, runs
 from tokenrelay._core import (
@@ -41,6 +42,7 @@ from tokenrelay.h1client import Client, ConnectError, ConnectTimeout, Response, 
 from tokenrelay.metering import Metering, Outcome
 from tokenrelay.ratelimit import cooldown_from_headers
 from tokenrelay.routing import CANCELLED, FAILURE, RATE_LIMITED, SUCCESS, RoutePool
+from tokenrelay.server import FastRequest, FastStream, FrontEnd
 from tokenrelay.upstream import redact, redact_text, response_headers, upstream_request
 
 log = logging.getLogger("tokenrelay.relay")
@@ -294,6 +296,7 @@ class Relay:
         self._settled = asyncio.Event()  # set while nothing is in flight or being counted
         self._settled.set()
         self.stopping = False  # set when a shutdown begins: handlers cancelled after that were cut by it
+        self.front: FrontEnd | None = None  # the own HTTP front end, when it serves (set by `app.serve`)
 
     @property
     def db_path(self) -> str:
@@ -349,6 +352,16 @@ class Relay:
                 "# HELP tokenrelay_data_plane_relays_in_flight Streams the data plane thread relays now.",
                 "# TYPE tokenrelay_data_plane_relays_in_flight gauge",
                 f"tokenrelay_data_plane_relays_in_flight {plane.in_flight}",
+            ]
+        front = self.front
+        if front is not None:
+            outstanding += [
+                "# HELP tokenrelay_front_end_requests_total Relayed API calls served by the own HTTP front end.",
+                "# TYPE tokenrelay_front_end_requests_total counter",
+                f"tokenrelay_front_end_requests_total {front.requests}",
+                "# HELP tokenrelay_front_end_handoffs_total Connections the front end handed to aiohttp.",
+                "# TYPE tokenrelay_front_end_handoffs_total counter",
+                f"tokenrelay_front_end_handoffs_total {front.handed_off}",
             ]
         return "\n".join(lines + outstanding) + "\n"
 
@@ -777,12 +790,18 @@ class Relay:
         headers["cache-control"] = "no-cache"
         if not headers.get("content-type", "").startswith("text/event-stream"):
             headers["content-type"] = "text/event-stream"  # the upstream mislabelled its stream (text/plain...)
-        response = _StreamHead(status=upstream.status, headers=headers)
+        request = call.request
+        response: web.StreamResponse | FastStream
+        writer: AbstractStreamWriter | FastStream | None
         failure: str | None = None
-        transport = call.request.transport
+        transport = request.transport
         watchdog.watch_client(transport, self.config.write_timeout_s)
         try:
-            writer = await response.prepare(call.request)
+            if isinstance(request, FastRequest):  # the own front end (`tokenrelay.server`)
+                response = writer = request.stream(upstream.status, headers)
+            else:
+                response = _StreamHead(status=upstream.status, headers=headers)
+                writer = await response.prepare(request)
             if attempt.held:
                 await response.write(b"".join(attempt.held))  # one write with the head
             elif writer is not None:
@@ -848,9 +867,9 @@ class Relay:
                 if not meter.done:
                     outcome.fail(499, metering.CLIENT_DISCONNECT, "the client closed the connection")
         watchdog.unwatch_client()
-        return response
+        return cast(web.StreamResponse, response)  # (a FastStream goes back to the front end that made it)
 
-    async def _await_content(self, attempt: Attempt, response: web.StreamResponse) -> None:
+    async def _await_content(self, attempt: Attempt, response: web.StreamResponse | FastStream) -> None:
         """Committed but no content yet (a long thinking phase): relay what comes, and keep the client's idle
         timer alive with SSE comments, sent only on event boundaries."""
         meter, upstream, watchdog = attempt.meter, attempt.upstream, attempt.watchdog

@@ -21,6 +21,8 @@ MAX_TAGS = 16
 MAX_TAG_LENGTH = 64
 # Requests in flight per client key id, for `max_connections_per_key`.
 IN_FLIGHT_BY_KEY: web.AppKey[collections.Counter[str]] = web.AppKey("in_flight_by_key")
+# The handler of each relayed API by its path under /v1, for the daemon's own front end (`tokenrelay.server`).
+FAST_ROUTES: web.AppKey[dict[str, Callable[[web.Request], Awaitable[web.StreamResponse]]]] = web.AppKey("fast_routes")
 
 # api name -> upstream path under a deployment's base URL
 ENDPOINTS: dict[str, str] = {
@@ -184,10 +186,7 @@ def endpoint(api: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]
 def add_routes(app: web.Application) -> None:
     """Registers the relayed APIs under /v1 and under the run-scoped prefix /run/{run}/v1."""
     app[IN_FLIGHT_BY_KEY] = collections.Counter()
+    handlers = app[FAST_ROUTES] = {path: endpoint(api) for api, path in ENDPOINTS.items()}
     for prefix in ("/v1", "/run/{run}/v1"):
-        app.router.add_post(f"{prefix}/chat/completions", endpoint("chat"))
-        app.router.add_post(f"{prefix}/completions", endpoint("completions"))
-        app.router.add_post(f"{prefix}/responses", endpoint("responses"))
-        app.router.add_post(f"{prefix}/embeddings", endpoint("embeddings"))
-        app.router.add_post(f"{prefix}/messages", endpoint("messages"))
-        app.router.add_post(f"{prefix}/messages/count_tokens", endpoint("count_tokens"))
+        for path, handler in handlers.items():
+            app.router.add_post(f"{prefix}{path}", handler)
