@@ -20,8 +20,16 @@ CHAT = {"model": "r", "messages": [{"role": "user", "content": "hello there"}]}
 
 @pytest.fixture
 def relay(daemon_factory: Callable[..., Daemon], mock_upstream: MockUpstream) -> Daemon:
-    config = "max_body_bytes = 100000\nbody_timeout_s = 2\n" + route_config("r", mock_upstream)
+    config = "max_body_bytes = 1000000\nbody_timeout_s = 2\n" + route_config("r", mock_upstream)
     config += f"""
+[routes.u]
+[[routes.u.deployments]]
+name = "nœud-東"
+kind = "openai"
+base_url = "{mock_upstream.openai_base}"
+model = "upstream-model"
+api_key_env = "TEST_UPSTREAM_KEY"
+
 [routes.claude]
 [[routes.claude.deployments]]
 kind = "anthropic"
@@ -45,7 +53,7 @@ def post(path: str, body: dict[str, Any] | bytes, extra: str = "") -> bytes:
 async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
     """One response off a keep-alive connection: status, headers (lower-case names), the de-framed body."""
     async with asyncio.timeout(10):
-        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+        head = (await reader.readuntil(b"\r\n\r\n")).decode()
         status_line, *lines = head.split("\r\n")[:-2]
         assert status_line.startswith("HTTP/1.1 "), status_line
         headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines)}
@@ -103,12 +111,20 @@ async def test_a_connection_mixes_front_end_and_aiohttp_requests_in_order(relay:
     models = await read_response(reader)
     third = await read_response(reader)
     writer.close()
+    # A deployment name beyond Latin-1 goes out in its header as UTF-8, from either front end.
+    reader, writer = await asyncio.open_connection("127.0.0.1", port(relay))
+    writer.write(post("/v1/chat/completions", {**CHAT, "model": "u"}))
+    named = await read_response(reader)
+    writer.write(post("/v1/chat/completions", {**CHAT, "model": "u", "stream": True}))
+    named_stream = await read_response(reader)
+    writer.close()
+    assert named[1]["x-tokenrelay-deployment"] == named_stream[1]["x-tokenrelay-deployment"] == "nœud-東"
     assert first[0] == 200 and json.loads(first[2])["object"] == "chat.completion"
     assert first[1]["content-type"].startswith("application/json") and "date" in first[1]
     assert second[0] == 404 and json.loads(second[2])["error"]["code"] == "model_not_found"
     assert models[0] == 200 and any(m["id"] == "r" for m in json.loads(models[2])["data"])
     assert third[0] == 200 and json.loads(third[2])["object"] == "chat.completion"
-    assert [r["status"] for r in relay.wait_records(3)] == [200, 404, 200]
+    assert [r["status"] for r in relay.wait_records(5)] == [200, 404, 200, 200, 200]
 
 
 async def test_a_stream_is_chunked_and_the_connection_carries_the_next_call(relay: Daemon) -> None:
@@ -135,22 +151,36 @@ async def test_a_body_in_pieces_and_a_chunked_body(relay: Daemon) -> None:
     await asyncio.sleep(0.2)
     writer.write(request[-len(data) + 5 :])
     pieces = await read_response(reader)
+    # A large body sent at once arrives in several reads before the handler first runs: it gets all of them.
+    long_chat = {**CHAT, "messages": [{"role": "user", "content": "word " * 150_000}]}
+    writer.write(post("/v1/chat/completions", long_chat))
+    large = await read_response(reader)
     # A chunked body (no Content-Length) is aiohttp's to read: the connection is handed over, and still answers.
     head = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
     writer.write(f"{head}Transfer-Encoding: chunked\r\n\r\n{len(data):x}\r\n".encode() + data + b"\r\n0\r\n\r\n")
     chunked = await read_response(reader)
     writer.close()
     assert pieces[0] == 200 and chunked[0] == 200
+    assert large[0] == 200, large[2][:200]
+    assert relay.wait_records(3)[1]["usage"]["input"] > 100_000
     assert relay.metric("tokenrelay_front_end_handoffs_total") >= 2  # the chunked call, and this /metrics GET
 
 
 async def test_an_oversized_body_is_413_in_the_api_shape_and_the_connection_closes(relay: Daemon) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port(relay))
     head = "POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 5000000\r\n\r\n"
-    writer.write(head.encode() + b"{" * 1000)
-    status, headers, body = await read_response(reader)
+    writer.write(head.encode())
+
+    async def upload() -> None:  # the whole body, as a client that does not look at the answer first sends it
+        for _ in range(50):
+            writer.write(b"{" * 100_000)
+            await writer.drain()
+
+    sending = asyncio.create_task(upload())
+    status, headers, body = await read_response(reader)  # (no reset: the server reads the body it refused)
+    await sending
     async with asyncio.timeout(5):
-        rest = await reader.read()  # the server closes: the body it did not read cannot be framed past
+        rest = await reader.read()  # then it closes: the body it did not read cannot be framed past
     writer.close()
     error = json.loads(body)
     assert status == 413 and headers["connection"] == "close" and rest == b""

@@ -176,9 +176,12 @@ async def serve(config: Config, sock: socket.socket | None = None, ready_fd: int
         app[RELAY].in_flight,
         config.shutdown_grace_s,
     )
-    if listener is not None and front is not None:
-        listener.close()  # no new connections; the requests in flight finish within the grace period
-        await front.shutdown(config.shutdown_grace_s)
+    if listener is not None and front is not None and runner.server is not None:
+        listener.close()  # no new connections; the requests in flight finish within one grace period
+        runner.server.pre_shutdown()  # (the connections aiohttp serves: closed once their request is answered)
+        await runner.shutdown()  # on_shutdown: ends /ui's event streams (idempotent; cleanup sends it again)
+        grace = config.shutdown_grace_s
+        await asyncio.gather(front.shutdown(grace), runner.server.shutdown(grace))
     await runner.cleanup()
 
 

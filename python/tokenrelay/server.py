@@ -43,6 +43,10 @@ KEEPALIVE_TIMEOUT_S = 75.0
 # The head of a request, and what a client may pipeline behind a request in flight before reading stops.
 MAX_HEAD_BYTES = 64 * 1024
 MAX_PENDING_BYTES = 256 * 1024
+# After a 413 the rest of the body is read and dropped for up to this long before the connection closes: closed
+# while the client still sends, the kernel answers with a reset and the client may never see the 413 (aiohttp's
+# `lingering_time`).
+LINGER_S = 10.0
 _HANDLED_HEADERS = frozenset(("content-length", "transfer-encoding", "connection", "date", "server"))
 
 
@@ -66,11 +70,14 @@ def _head(status: int, reason: str, headers: Any, framing: bytes, keep_alive: bo
     lines = [f"HTTP/1.1 {status} {reason}\r\n"]
     for name, value in headers.items():
         if name.lower() not in _HANDLED_HEADERS:
-            lines.append(f"{name}: {value}\r\n")
+            line = f"{name}: {value}\r\n"
+            if line.count("\n") != 1 or line.count("\r") != 1:
+                raise ValueError(f"a line break in the response header {name!r}")
+            lines.append(line)
     lines.append(f"Date: {_http_date()}\r\nServer: tokenrelay\r\n")
     if not keep_alive:
         lines.append("Connection: close\r\n")
-    return "".join(lines).encode("latin-1") + framing + b"\r\n"
+    return "".join(lines).encode() + framing + b"\r\n"  # (UTF-8, as aiohttp writes a head)
 
 
 class FrontEnd:
@@ -166,14 +173,13 @@ class FastRequest:
             raise web.HTTPRequestEntityTooLarge(max_size=conn.front.limit, actual_size=conn.body_length)
         if conn.body_missing:
             waiter = conn.body_waiter = conn.front.loop.create_future()
-            await waiter
-            self._body = b"".join(conn.body_parts)
-            conn.body_parts = []
+            await waiter  # (`_body` is whole once it is done)
         return self._body
 
     def stream(self, status: int, headers: CIMultiDict[str]) -> FastStream:
         """The response of a stream (chunked), its head sent with the first write."""
-        return FastStream(self.conn, _head(status, _REASONS.get(status, ""), headers, _CHUNKED, True))
+        keep_alive = self.keep_alive and not self.conn.front.closing
+        return FastStream(self.conn, _head(status, _REASONS.get(status, ""), headers, _CHUNKED, keep_alive))
 
 
 _CHUNKED = b"Transfer-Encoding: chunked\r\n"
@@ -201,12 +207,14 @@ class FastStream:
         if self._head:
             self._transport().write(self._head)
             self._head = b""
+            self.conn.started = True
 
     async def write(self, data: bytes) -> None:
         if not data:
             return
         self._transport().write(b"%s%x\r\n%s\r\n" % (self._head, len(data), data))
         self._head = b""
+        self.conn.started = True
         if self.conn.writing_paused:
             await self.conn.drain()
 
@@ -220,7 +228,7 @@ class FastStream:
             await self.write(data)
         self._transport().write(self._head + b"0\r\n\r\n")
         self._head = b""
-        self.finished = True
+        self.finished = self.conn.started = True
 
 
 class Connection(asyncio.Protocol):
@@ -242,6 +250,8 @@ class Connection(asyncio.Protocol):
         self._idle: asyncio.TimerHandle | None = None
         self._lost = False
         self._reading_paused = False
+        self._linger: asyncio.TimerHandle | None = None
+        self.started = False  # some of the response in flight has been written
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -267,10 +277,17 @@ class Connection(asyncio.Protocol):
         n = self.body_missing
         part, rest = (data, b"") if len(data) <= n else (data[:n], data[n:])
         self.body_missing -= len(part)
-        if not self.body_too_large:
-            self.body_parts.append(part)
-        if not self.body_missing and self.body_waiter is not None and not self.body_waiter.done():
-            self.body_waiter.set_result(None)
+        if self.body_too_large:
+            if not self.body_missing and self._linger is not None:  # the 413 is out and the body is drained
+                self.close()
+            return rest
+        self.body_parts.append(part)
+        if not self.body_missing:
+            if self.request is not None:  # whole now, whether or not the handler has started to wait for it
+                self.request._body = b"".join(self.body_parts)
+            self.body_parts = []
+            if self.body_waiter is not None and not self.body_waiter.done():
+                self.body_waiter.set_result(None)
         return rest
 
     def _next(self) -> None:
@@ -310,6 +327,7 @@ class Connection(asyncio.Protocol):
             if self.body_missing:
                 self.body_parts = [body]
         self.front.requests += 1
+        self.started = False
         request = self.request = FastRequest(self, CIMultiDict(fields), target, run, keep_alive, body)
         self.task = self.front.loop.create_task(self._serve(request, handler))
 
@@ -324,6 +342,8 @@ class Connection(asyncio.Protocol):
                 raise
             except Exception:
                 log.exception("unhandled error serving %s", request.path)
+                if self.started:  # part of a stream is out: another response cannot follow; the close tells
+                    raise ConnectionResetError from None
                 response = error_response(500, "internal error in tokenrelay", _error_api(request.path))
             if isinstance(response, FastStream):
                 keep = response.finished and request.keep_alive
@@ -331,13 +351,19 @@ class Connection(asyncio.Protocol):
                 keep = self._send(cast(web.Response, response), request.keep_alive)
         except (asyncio.CancelledError, ConnectionError):
             keep = False
+        except Exception:  # (a response that cannot be written: the client sees the connection close)
+            log.exception("could not send the response to %s", request.path)
+            keep = False
         finally:
             self.request = None
             self.task = None
         transport = self.transport
         if transport is None or self._lost:
             return
-        if not keep or self.front.closing:
+        if self.body_too_large and self.body_missing:  # (the 413): drain the body first, then close
+            self._linger = self.front.loop.call_later(LINGER_S, self.close)
+            return
+        if not keep or self.front.closing or transport.is_closing():
             transport.close()
             return
         if self._reading_paused:
@@ -409,9 +435,10 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
         self.front.connections.discard(self)
-        if self._idle is not None:
-            self._idle.cancel()
-            self._idle = None
+        for timer in (self._idle, self._linger):
+            if timer is not None:
+                timer.cancel()
+        self._idle = self._linger = None
         for waiter in (self._drain, self.body_waiter):
             if waiter is not None and not waiter.done():
                 waiter.set_exception(ConnectionResetError("the client closed the connection"))
