@@ -21,20 +21,14 @@ CHAT = {"model": "r", "messages": [{"role": "user", "content": "hello there"}]}
 @pytest.fixture
 def relay(daemon_factory: Callable[..., Daemon], mock_upstream: MockUpstream) -> Daemon:
     config = "max_body_bytes = 1000000\nbody_timeout_s = 2\n" + route_config("r", mock_upstream)
-    config += f"""
-[routes.u]
-[[routes.u.deployments]]
-name = "nœud-東"
-kind = "openai"
+    for route, name, kind in (("u", "nœud-東", "openai"), ("claude", "c0", "anthropic")):
+        config += f"""
+[routes.{route}]
+[[routes.{route}.deployments]]
+name = "{name}"
+kind = "{kind}"
 base_url = "{mock_upstream.openai_base}"
 model = "upstream-model"
-api_key_env = "TEST_UPSTREAM_KEY"
-
-[routes.claude]
-[[routes.claude.deployments]]
-kind = "anthropic"
-base_url = "{mock_upstream.openai_base}"
-model = "claude-upstream"
 api_key_env = "TEST_UPSTREAM_KEY"
 """
     return daemon_factory(config)

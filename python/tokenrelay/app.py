@@ -143,10 +143,8 @@ async def serve(config: Config, sock: socket.socket | None = None, ready_fd: int
     if server.enabled():
         # The own front end serves the relayed API calls and hands every other connection to aiohttp's server.
         assert runner.server is not None
-        front = FrontEnd(app, runner.server, auth.middleware, config.max_body_bytes)
         routes = app[api.FAST_ROUTES]
-        front.routes.update(routes)
-        app[RELAY].front = front
+        front = app[RELAY].front = FrontEnd(app, runner.server, auth.middleware, routes, config.max_body_bytes)
         # (listening again: without `backlog` the queue would shrink to the default of 100)
         listener = await loop.create_server(front, sock=sock, backlog=LISTEN_BACKLOG)
     else:
@@ -176,7 +174,8 @@ async def serve(config: Config, sock: socket.socket | None = None, ready_fd: int
         app[RELAY].in_flight,
         config.shutdown_grace_s,
     )
-    if listener is not None and front is not None and runner.server is not None:
+    if front is not None and listener is not None:
+        assert runner.server is not None
         listener.close()  # no new connections; the requests in flight finish within one grace period
         runner.server.pre_shutdown()  # (the connections aiohttp serves: closed once their request is answered)
         await runner.shutdown()  # on_shutdown: ends /ui's event streams (idempotent; cleanup sends it again)

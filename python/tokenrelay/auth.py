@@ -29,7 +29,7 @@ from tokenrelay import _core, keys
 from tokenrelay.admission import Admission, Denial, Reservation
 from tokenrelay.budget import max_output_tokens, worst_case_cost
 from tokenrelay.config import Config, Deployment, Route
-from tokenrelay.errors import error_response
+from tokenrelay.errors import api_of_path, error_response
 from tokenrelay.ledger import default_db_path
 from tokenrelay.metering import Metering, Outcome
 from tokenrelay.pricing import Price, price_for, provider_from_url
@@ -243,14 +243,10 @@ class Gate:
 GATE: web.AppKey[Gate] = web.AppKey("gate", Gate)
 
 
-def _error_api(path: str) -> str:
-    return "messages" if path.endswith(("/messages", "/messages/count_tokens")) else "chat"
-
-
 def _deny(status: int, message: str, path: str) -> web.Response:
     headers = {"www-authenticate": "Bearer"} if status == 401 else None
     return error_response(
-        status, message, _error_api(path), code="invalid_api_key" if status == 401 else None, headers=headers
+        status, message, api_of_path(path), code="invalid_api_key" if status == 401 else None, headers=headers
     )
 
 

@@ -37,6 +37,11 @@ def error_body(status: int, message: str, api: str, code: str | None = None, par
     return orjson.dumps({"error": {"message": message, "type": kind, "param": param, "code": code}})
 
 
+def api_of_path(path: str) -> str:
+    """The API whose error shape a request path gets: Anthropic's for `/messages`, OpenAI's for the rest."""
+    return "messages" if path.endswith(("/messages", "/messages/count_tokens")) else "chat"
+
+
 def error_response(
     status: int,
     message: str,

@@ -32,7 +32,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from tokenrelay._core import parse_request_head
-from tokenrelay.errors import error_response
+from tokenrelay.errors import api_of_path, error_response
 
 log = logging.getLogger("tokenrelay")
 
@@ -68,28 +68,32 @@ def _http_date() -> str:
 
 def _head(status: int, reason: str, headers: Any, framing: bytes, keep_alive: bool) -> bytes:
     lines = [f"HTTP/1.1 {status} {reason}\r\n"]
-    for name, value in headers.items():
-        if name.lower() not in _HANDLED_HEADERS:
-            line = f"{name}: {value}\r\n"
-            if line.count("\n") != 1 or line.count("\r") != 1:
-                raise ValueError(f"a line break in the response header {name!r}")
-            lines.append(line)
-    lines.append(f"Date: {_http_date()}\r\nServer: tokenrelay\r\n")
-    if not keep_alive:
-        lines.append("Connection: close\r\n")
-    return "".join(lines).encode() + framing + b"\r\n"  # (UTF-8, as aiohttp writes a head)
+    lines += [f"{name}: {value}\r\n" for name, value in headers.items() if name.lower() not in _HANDLED_HEADERS]
+    text = "".join(lines)
+    if text.count("\n") != len(lines) or text.count("\r") != len(lines):
+        raise ValueError("a line break inside a response header")
+    close = "" if keep_alive else "Connection: close\r\n"
+    # (UTF-8, as aiohttp writes a head)
+    return f"{text}Date: {_http_date()}\r\nServer: tokenrelay\r\n{close}".encode() + framing + b"\r\n"
 
 
 class FrontEnd:
     """The listening socket's protocol factory (`loop.create_server(front_end, sock=...)`)."""
 
-    def __init__(self, app: web.Application, aiohttp_server: web.Server, middleware: Middleware, limit: int) -> None:
+    def __init__(
+        self,
+        app: web.Application,
+        aiohttp_server: web.Server,
+        middleware: Middleware,
+        routes: dict[str, Handler],
+        limit: int,
+    ) -> None:
         self.app = app
         self.middleware = middleware  # the app's one middleware (`auth.middleware`), run as aiohttp would
         self.aiohttp_server = aiohttp_server
         self.limit = limit  # the largest request body (`max_body_bytes`)
         self.loop = asyncio.get_running_loop()
-        self.routes: dict[str, Handler] = {}  # path under /v1 -> handler (filled by `handlers.api.add_routes`)
+        self.routes = routes  # path under /v1 -> handler (`handlers.api.FAST_ROUTES`)
         self.connections: set[Connection] = set()
         self.closing = False
         self.requests = 0  # requests served here (/metrics)
@@ -337,14 +341,14 @@ class Connection(asyncio.Protocol):
             try:
                 response: Any = await self.front.middleware(cast(web.Request, request), handler)
             except web.HTTPException as exc:
-                response = error_response(exc.status, exc.reason, _error_api(request.path))
+                response = error_response(exc.status, exc.reason, api_of_path(request.path))
             except (asyncio.CancelledError, ConnectionError):
                 raise
             except Exception:
                 log.exception("unhandled error serving %s", request.path)
                 if self.started:  # part of a stream is out: another response cannot follow; the close tells
                     raise ConnectionResetError from None
-                response = error_response(500, "internal error in tokenrelay", _error_api(request.path))
+                response = error_response(500, "internal error in tokenrelay", api_of_path(request.path))
             if isinstance(response, FastStream):
                 keep = response.finished and request.keep_alive
             else:
@@ -444,7 +448,3 @@ class Connection(asyncio.Protocol):
                 waiter.set_exception(ConnectionResetError("the client closed the connection"))
         if self.task is not None:
             self.task.cancel()  # as aiohttp's `handler_cancellation`: a relayed call ends when its client goes
-
-
-def _error_api(path: str) -> str:
-    return "messages" if "/messages" in path else "chat"
