@@ -69,6 +69,7 @@ async def test_sdk_calls_are_served_by_the_front_end_and_metered_once(relay: Dae
     handoffs = relay.metric("tokenrelay_front_end_handoffs_total")  # (this /metrics GET is one: it is aiohttp's)
     served = relay.metric("tokenrelay_front_end_requests_total")
     client = openai.AsyncOpenAI(base_url=relay.base_url, api_key="k", max_retries=0)
+    listed = [m.id async for m in client.models.list()]  # (an application's first call, on the connection it reuses)
     text = ""
     async with await client.chat.completions.create(model="r", messages=CHAT["messages"], stream=True) as stream:
         async for chunk in stream:
@@ -88,7 +89,8 @@ async def test_sdk_calls_are_served_by_the_front_end_and_metered_once(relay: Dae
     await claude.close()
     assert text and answer.choices[0].message.content and embedded.data[0].embedding
     assert message.content[0].type == "text" and streamed.content[0].type == "text"  # type: ignore[union-attr]
-    assert relay.metric("tokenrelay_front_end_requests_total") - served == 5
+    assert "r" in listed and "claude" in listed
+    assert relay.metric("tokenrelay_front_end_requests_total") - served == 6
     # Each /metrics GET is a connection aiohttp serves: the three after the first, and none of the SDKs' calls.
     assert relay.metric("tokenrelay_front_end_handoffs_total") - handoffs == 3
     records = relay.wait_records(5)
@@ -101,8 +103,8 @@ async def test_a_connection_mixes_front_end_and_aiohttp_requests_in_order(relay:
     writer.write(post("/v1/chat/completions", CHAT) + post("/v1/chat/completions", {**CHAT, "model": "nope"}))
     first = await read_response(reader)
     second = await read_response(reader)
-    writer.write(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n" + post("/v1/chat/completions", CHAT))
-    models = await read_response(reader)
+    writer.write(b"GET /v1/routes HTTP/1.1\r\nHost: x\r\n\r\n" + post("/v1/chat/completions", CHAT))
+    routes = await read_response(reader)
     third = await read_response(reader)
     writer.close()
     # A deployment name beyond Latin-1 goes out in its header as UTF-8, from either front end.
@@ -116,7 +118,7 @@ async def test_a_connection_mixes_front_end_and_aiohttp_requests_in_order(relay:
     assert first[0] == 200 and json.loads(first[2])["object"] == "chat.completion"
     assert first[1]["content-type"].startswith("application/json") and "date" in first[1]
     assert second[0] == 404 and json.loads(second[2])["error"]["code"] == "model_not_found"
-    assert models[0] == 200 and any(m["id"] == "r" for m in json.loads(models[2])["data"])
+    assert routes[0] == 200 and any(r["route"] == "r" for r in json.loads(routes[2])["routes"])
     assert third[0] == 200 and json.loads(third[2])["object"] == "chat.completion"
     assert [r["status"] for r in relay.wait_records(5)] == [200, 404, 200, 200, 200]
 

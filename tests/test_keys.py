@@ -227,6 +227,10 @@ def test_admin_api_and_usage_scopes(keyed: dict[str, Any]) -> None:
         assert http("GET", d.url + path, ADMIN)[0] == 200
     assert http("GET", d.url + "/usage")[0] == 401
     assert http("GET", d.url + "/healthz")[0] == 200
+    # The model list (served by the own front end) is a client call: it needs a client key, like the calls.
+    status, body, _ = http("GET", d.url + "/v1/models")
+    assert status == 401 and body["error"]["code"] == "invalid_api_key"
+    assert http("GET", d.url + "/v1/models", keyed["bob"])[0] == 200
 
     # A client key reads its own usage only, whatever key_id it asks for; the admin reads all of it.
     alice_id, bob_id = keys.key_id_of(keyed["alice"]), keys.key_id_of(keyed["bob"])

@@ -144,7 +144,10 @@ async def serve(config: Config, sock: socket.socket | None = None, ready_fd: int
         # The own front end serves the relayed API calls and hands every other connection to aiohttp's server.
         assert runner.server is not None
         routes = app[api.FAST_ROUTES]
-        front = app[RELAY].front = FrontEnd(app, runner.server, auth.middleware, routes, config.max_body_bytes)
+        # (`GET /v1/models` too: an application that lists the models first would otherwise leave its connection,
+        # and every call it then makes on it, to aiohttp)
+        gets = {"/models": admin.models}
+        front = app[RELAY].front = FrontEnd(app, runner.server, auth.middleware, routes, config.max_body_bytes, gets)
         # (listening again: without `backlog` the queue would shrink to the default of 100)
         listener = await loop.create_server(front, sock=sock, backlog=LISTEN_BACKLOG)
     else:

@@ -1,12 +1,12 @@
 """The daemon's front end: its own HTTP/1.1 server protocol for the relayed API calls, aiohttp for the rest.
 
 Every accepted connection starts here. A request this protocol serves itself is a plain `POST` of one of the
-relayed APIs (`/v1/chat/completions` and the others of `handlers.api`, also under `/run/{run}/v1`) over
-HTTP/1.1 with a `Content-Length` body and no `Transfer-Encoding`, `Expect` or `Upgrade` field: what the
-`openai` and `anthropic` SDKs send. Its head is parsed in Rust (`parse_request_head`), and the handler (the
-same `handlers.api` coroutine aiohttp runs, behind the app's one middleware, `auth.middleware`) gets a
-`FastRequest`; a stream's response head and chunks are written straight to the transport (`FastStream`), other
-responses are serialized from the `web.Response` the handler returns.
+relayed APIs (`/v1/chat/completions` and the others of `handlers.api`, also under `/run/{run}/v1`), or the
+`GET /v1/models` an application may send first, over HTTP/1.1 with a `Content-Length` body (or none) and no
+`Transfer-Encoding`, `Expect` or `Upgrade` field: what the `openai` and `anthropic` SDKs send. Its head is
+parsed in Rust (`parse_request_head`), and the handler (the same coroutine aiohttp runs, behind the app's one
+middleware, `auth.middleware`) gets a `FastRequest`; a stream's response head and chunks are written straight
+to the transport (`FastStream`), other responses are serialized from the `web.Response` the handler returns.
 
 Anything else (another path or method, a query string, a percent-escape, a chunked body, a head that does not
 parse...) and everything after it on that connection goes to aiohttp: the connection is handed to an aiohttp
@@ -23,7 +23,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any, cast
@@ -87,13 +87,15 @@ class FrontEnd:
         middleware: Middleware,
         routes: dict[str, Handler],
         limit: int,
+        gets: Mapping[str, Handler] | None = None,
     ) -> None:
         self.app = app
         self.middleware = middleware  # the app's one middleware (`auth.middleware`), run as aiohttp would
         self.aiohttp_server = aiohttp_server
         self.limit = limit  # the largest request body (`max_body_bytes`)
         self.loop = asyncio.get_running_loop()
-        self.routes = routes  # path under /v1 -> handler (`handlers.api.FAST_ROUTES`)
+        self.routes = routes  # POST: path under /v1 -> handler (`handlers.api.FAST_ROUTES`)
+        self.gets = gets or {}  # GET: path under /v1 -> handler (the model list)
         self.connections: set[Connection] = set()
         self.closing = False
         self.requests = 0  # requests served here (/metrics)
@@ -104,7 +106,14 @@ class FrontEnd:
 
     def route(self, method: str, target: str) -> tuple[Handler, str] | None:
         """The handler and run id of a request this protocol serves, else None."""
-        if method != "POST" or "?" in target or "%" in target:
+        table: Mapping[str, Handler]
+        if method == "POST":
+            table = self.routes
+        elif method == "GET":
+            table = self.gets
+        else:
+            return None
+        if "?" in target or "%" in target:
             return None
         run = ""
         path = target
@@ -115,7 +124,7 @@ class FrontEnd:
             run, path = target[5:end], target[end:]
         if not path.startswith("/v1/"):
             return None
-        handler = self.routes.get(path[3:])
+        handler = table.get(path[3:])
         return None if handler is None else (handler, run)
 
     async def shutdown(self, grace_s: float) -> None:
