@@ -102,6 +102,27 @@ def test_serve_refuses_a_bad_config_before_binding(tmp_path: Path) -> None:
     assert "error(s)" in result.stderr
 
 
+def test_serve_on_a_port_in_use_says_so_and_exits(tmp_path: Path) -> None:
+    # Something else listens on the port; then the workers of another daemon (SO_REUSEPORT, as tokenrelay's bind),
+    # which a second `--workers` daemon must not join. One worker or several: a one-line reason, exit code 2, at
+    # once (no traceback, no supervisor restarting workers that cannot bind).
+    for reuse_port in (False, True):
+        holder = socket.socket()
+        if reuse_port:
+            holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        with holder:
+            for workers in ("1", "2"):
+                result = tokenrelay(
+                    "serve", "--listen", f"127.0.0.1:{port}", "--workers", workers, "--db", str(tmp_path / "u.db")
+                )
+                assert result.returncode == 2, (reuse_port, workers, result.stderr)
+                assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in result.stderr
+                assert "Traceback" not in result.stderr and "listening" not in result.stdout
+
+
 def test_accepted_connections_have_keepalive_from_the_listening_socket() -> None:
     # The daemon sets SO_KEEPALIVE once on its listener instead of on each connection (aiohttp's
     # tcp_keepalive is off): a client that vanishes without a FIN must still be found out by the kernel.

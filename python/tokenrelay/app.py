@@ -103,6 +103,18 @@ def build_app(config: Config) -> web.Application:
 # clients at start-up, each opening its pool); past the queue, a SYN is dropped and retried a second later, which
 # the client sees as a one-second first token. Capped by net.core.somaxconn.
 LISTEN_BACKLOG = 4096
+# The exit code of a daemon (or worker) that could not start: a config it refuses, a port it cannot have.
+CANNOT_START = 2
+
+
+def probe_port(host: str, port: int) -> None:
+    """Raises the OSError of binding `host:port` if anything listens there: without SO_REUSEPORT, so that the
+    workers of another tokenrelay on the port (same user, SO_REUSEPORT) count too, instead of being joined and
+    silently sharing its connections. (Bound, never listening: no connection is queued to the probe.)"""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
 
 
 def bind_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
@@ -124,7 +136,7 @@ def bind_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
 async def serve(config: Config, sock: socket.socket | None = None, ready_fd: int | None = None) -> None:
     """Runs one server process until SIGTERM or SIGINT, then drains in-flight requests and exits."""
     if sock is None:
-        sock = bind_socket(config.host, config.port, reuse_port=os.environ.get("TOKENRELAY_REUSE_PORT") == "1")
+        sock = bind_socket(config.host, config.port, reuse_port=False)
     host, port = sock.getsockname()[:2]
     config = replace(config, port=port)
     app = build_app(config)
@@ -205,10 +217,16 @@ def run(config: Config) -> int:
     problem = auth.startup_problem(config)
     if problem is not None:
         print(f"tokenrelay: {problem}", file=sys.stderr)
-        return 2
+        return CANNOT_START
     raise_fd_limit()  # (workers inherit it)
-    if config.workers <= 1 or os.environ.get("TOKENRELAY_WORKER") == "1":
-        _run_loop(serve(config))
+    worker = os.environ.get("TOKENRELAY_WORKER") == "1"
+    if config.workers <= 1 or worker:
+        try:
+            sock = bind_socket(config.host, config.port, reuse_port=worker)
+        except OSError as exc:
+            print(f"tokenrelay: cannot listen on {config.host}:{config.port}: {exc.strerror}", file=sys.stderr)
+            return CANNOT_START
+        _run_loop(serve(config, sock))
         return 0
     return _supervise(config)
 
@@ -226,8 +244,13 @@ def _supervise(config: Config) -> int:
     """Starts N workers that bind the same port with SO_REUSEPORT, restarts any that dies, forwards signals."""
     if config.port == 0:
         print("tokenrelay: --workers > 1 needs a fixed port (not 0)", file=sys.stderr)
-        return 2
-    env = {**os.environ, "TOKENRELAY_WORKER": "1", "TOKENRELAY_REUSE_PORT": "1"}
+        return CANNOT_START
+    try:  # (here, once: a port that cannot be had would otherwise make every worker exit, and be restarted)
+        probe_port(config.host, config.port)
+    except OSError as exc:
+        print(f"tokenrelay: cannot listen on {config.host}:{config.port}: {exc.strerror}", file=sys.stderr)
+        return CANNOT_START
+    env = {**os.environ, "TOKENRELAY_WORKER": "1"}
     args = [sys.executable, "-m", "tokenrelay", *sys.argv[1:]]
     workers = [subprocess.Popen(args, env=env) for _ in range(config.workers)]
     stopping = False
@@ -245,6 +268,11 @@ def _supervise(config: Config) -> int:
         time.sleep(0.2)
         for i, w in enumerate(workers):
             if not stopping and w.poll() is not None:
+                if w.returncode == CANNOT_START:  # (it said why): restarting it would fail the same way
+                    log.error("worker %d could not start; stopping the others", w.pid)
+                    forward(signal.SIGTERM, None)
+                    break
                 log.error("worker %d exited with %s; restarting it", w.pid, w.returncode)
                 workers[i] = subprocess.Popen(args, env=env)
-    return max((w.wait() for w in workers), default=0)
+    codes = [w.wait() for w in workers]
+    return CANNOT_START if CANNOT_START in codes else max(codes, default=0)
