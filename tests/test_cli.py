@@ -11,6 +11,8 @@ from pathlib import Path
 from tokenrelay import __version__
 from tokenrelay.app import bind_socket
 
+from tests.conftest import free_port
+
 GOOD = """
 listen = "127.0.0.1:4999"
 
@@ -121,6 +123,38 @@ def test_serve_on_a_port_in_use_says_so_and_exits(tmp_path: Path) -> None:
                 assert result.returncode == 2, (reuse_port, workers, result.stderr)
                 assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in result.stderr
                 assert "Traceback" not in result.stderr and "listening" not in result.stdout
+
+
+def test_serve_with_a_ledger_it_cannot_open_says_so_and_exits(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    for workers in ("1", "2"):
+        port = free_port()
+        result = tokenrelay(
+            "serve", "--listen", f"127.0.0.1:{port}", "--workers", workers, "--db", str(blocker / "usage.db")
+        )
+        assert result.returncode == 2, (workers, result.stderr)
+        assert f"tokenrelay: cannot open the ledger at {blocker / 'usage.db'}" in result.stderr
+        assert "Traceback" not in result.stderr and "restarting" not in result.stderr
+
+
+def test_workers_that_die_as_they_start_are_not_restarted_forever(tmp_path: Path) -> None:
+    # Each worker dies at once (an event loop that cannot be imported: only workers run one); the supervisor gives
+    # up after a few quick exits in a row instead of restarting them every 0.2 s.
+    (tmp_path / "uvloop.py").write_text("raise RuntimeError('broken event loop')\n")
+    result = tokenrelay(
+        "serve",
+        "--listen",
+        f"127.0.0.1:{free_port()}",
+        "--workers",
+        "2",
+        "--db",
+        str(tmp_path / "u.db"),
+        env={"PYTHONPATH": str(tmp_path)},
+    )
+    assert result.returncode == 1, result.stderr
+    assert "broken event loop" in result.stderr and "as it started; stopping the others" in result.stderr
+    assert result.stderr.count("restarting it") <= 2 * 2  # (two workers, two restarts each at most)
 
 
 def test_accepted_connections_have_keepalive_from_the_listening_socket() -> None:

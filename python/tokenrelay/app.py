@@ -22,7 +22,7 @@ from tokenrelay.config import Config, with_builtin_routes
 from tokenrelay.h1client import Client
 from tokenrelay.handlers import admin, api, keys, ui, usage
 from tokenrelay.handlers import runs as run_handlers
-from tokenrelay.ledger import Ledger
+from tokenrelay.ledger import Ledger, LedgerError
 from tokenrelay.metering import Metering
 from tokenrelay.mock import MockProvider
 from tokenrelay.plane import DataPlane
@@ -105,6 +105,9 @@ def build_app(config: Config) -> web.Application:
 LISTEN_BACKLOG = 4096
 # The exit code of a daemon (or worker) that could not start: a config it refuses, a port it cannot have.
 CANNOT_START = 2
+# A worker that exits this many times in a row, each time within QUICK_EXIT_S of its start, is not restarted again.
+QUICK_EXIT_S = 5.0
+MAX_QUICK_EXITS = 3
 
 
 def probe_port(host: str, port: int) -> None:
@@ -226,7 +229,13 @@ def run(config: Config) -> int:
         except OSError as exc:
             print(f"tokenrelay: cannot listen on {config.host}:{config.port}: {exc.strerror}", file=sys.stderr)
             return CANNOT_START
-        _run_loop(serve(config, sock))
+        try:
+            _run_loop(serve(config, sock))
+        except LedgerError as exc:  # (the ledger cannot be opened, or is from a newer tokenrelay)
+            print(f"tokenrelay: {exc}", file=sys.stderr)
+            return CANNOT_START
+        finally:
+            sock.close()
         return 0
     return _supervise(config)
 
@@ -241,7 +250,8 @@ def _run_loop(main: asyncio.Future[None] | object) -> None:
 
 
 def _supervise(config: Config) -> int:
-    """Starts N workers that bind the same port with SO_REUSEPORT, restarts any that dies, forwards signals."""
+    """Starts N workers that bind the same port with SO_REUSEPORT, restarts any that dies, forwards signals. A
+    worker that cannot start (exit code 2: it printed why) or dies as it starts, again and again, stops them all."""
     if config.port == 0:
         print("tokenrelay: --workers > 1 needs a fixed port (not 0)", file=sys.stderr)
         return CANNOT_START
@@ -253,6 +263,8 @@ def _supervise(config: Config) -> int:
     env = {**os.environ, "TOKENRELAY_WORKER": "1"}
     args = [sys.executable, "-m", "tokenrelay", *sys.argv[1:]]
     workers = [subprocess.Popen(args, env=env) for _ in range(config.workers)]
+    started = [time.monotonic()] * len(workers)
+    quick_exits = [0] * len(workers)  # exits in a row, each within QUICK_EXIT_S of its start
     stopping = False
 
     def forward(signum: int, _frame: object) -> None:
@@ -268,11 +280,17 @@ def _supervise(config: Config) -> int:
         time.sleep(0.2)
         for i, w in enumerate(workers):
             if not stopping and w.poll() is not None:
-                if w.returncode == CANNOT_START:  # (it said why): restarting it would fail the same way
-                    log.error("worker %d could not start; stopping the others", w.pid)
+                now = time.monotonic()
+                quick_exits[i] = quick_exits[i] + 1 if now - started[i] < QUICK_EXIT_S else 0
+                if w.returncode == CANNOT_START or quick_exits[i] >= MAX_QUICK_EXITS:
+                    # (it said why, or it dies as it starts): restarting it would fail the same way
+                    log.error("worker %d exited with %s as it started; stopping the others", w.pid, w.returncode)
                     forward(signal.SIGTERM, None)
                     break
                 log.error("worker %d exited with %s; restarting it", w.pid, w.returncode)
                 workers[i] = subprocess.Popen(args, env=env)
+                started[i] = now
     codes = [w.wait() for w in workers]
+    if any(n >= MAX_QUICK_EXITS for n in quick_exits):
+        return 1
     return CANNOT_START if CANNOT_START in codes else max(codes, default=0)
