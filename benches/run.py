@@ -642,7 +642,10 @@ class Bench:
             res["upstream_open"] = upstream
             # per stream actually relayed (held open upstream); the aiohttp mock does not count them
             opened = upstream if isinstance(upstream, int) and upstream > 0 else plan.idle_streams
-            res["rss_per_stream_kb"] = (during - res["rss_before_kb"]) / opened
+            # A proxy that held fewer than half of the streams open has no per-stream figure (its errors tell):
+            # (during - before) / a few streams is its own noise, e.g. negative where it freed memory meanwhile.
+            held = opened >= plan.idle_streams / 2
+            res["rss_per_stream_kb"] = (during - res["rss_before_kb"]) / opened if held else None
         self.record(t, "idle", plan.idle_streams, rnd, res)
 
     def capacity(self, t: str, run: Running, plan: Plan, deadline: float) -> None:
