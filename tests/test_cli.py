@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import socket
 import subprocess
 import sys
@@ -58,6 +59,7 @@ def test_version() -> None:
     result = tokenrelay("--version")
     assert result.returncode == 0
     assert result.stdout.strip() == f"tokenrelay {__version__}"
+    assert __version__ == importlib.metadata.version("tokenrelay")  # (the core's, and what pip says is installed)
 
 
 def test_check_accepts_a_good_config(tmp_path: Path) -> None:
