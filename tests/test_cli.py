@@ -97,6 +97,15 @@ def test_check_reports_invalid_toml_and_missing_file(tmp_path: Path) -> None:
     assert missing.returncode == 1 and "no such file" in missing.stderr
 
 
+def test_reading_commands_do_not_load_the_server() -> None:
+    # `tokenrelay usage` and its kin are run by hand and by scripts, often: aiohttp (~0.3 s to import here, most of
+    # such a command's start-up) is the daemon's, not theirs.
+    code = "import sys, tokenrelay.cli, tokenrelay.usage_cli; print(sorted(m for m in sys.modules if 'aiohttp' in m))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
 def test_serve_refuses_a_bad_config_before_binding(tmp_path: Path) -> None:
     path = tmp_path / "bad.toml"
     path.write_text(textwrap.dedent(BAD))

@@ -3,7 +3,9 @@ request log, and the `--since` time syntax. Works on a live ledger (WAL readers 
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
+import io
 import math
 import os
 import re
@@ -214,3 +216,30 @@ def recent_requests(
     finally:
         if conn is not db:
             conn.close()
+
+
+def _flatten(row: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in row.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{name}_"))
+        elif isinstance(value, list):
+            out[name] = ";".join(str(v) for v in value)
+        else:
+            out[name] = value
+    return out
+
+
+def rows_to_csv(rows: list[dict[str, Any]]) -> str:
+    """The rows as CSV: nested fields as `outer_inner` columns, lists joined by `;` (`/usage?format=csv` and
+    `tokenrelay usage --csv`; here, not in the server's module, so that the command does not import aiohttp)."""
+    flat = [_flatten(r) for r in rows]
+    columns: list[str] = []
+    for row in flat:
+        columns.extend(k for k in row if k not in columns)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(flat)
+    return buffer.getvalue()

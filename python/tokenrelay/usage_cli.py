@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from tokenrelay import ledger_query
-from tokenrelay.handlers.usage import rows_to_csv
 from tokenrelay.ledger import LedgerError, default_db_path
 
 UNKNOWN = "—"
@@ -226,7 +225,7 @@ def _emit(data: Any, fmt: str, out: TextIO, human: Callable[[], None], csv_rows:
     if fmt == "json":
         out.write(json.dumps(data, indent=2) + "\n")
     elif fmt == "csv":
-        out.write(rows_to_csv(csv_rows))
+        out.write(ledger_query.rows_to_csv(csv_rows))
     else:
         human()
 

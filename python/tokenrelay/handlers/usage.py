@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
-from typing import Any
-
 from aiohttp import web
 
 from tokenrelay import ledger_query
@@ -13,31 +9,6 @@ from tokenrelay.errors import error_response
 from tokenrelay.state import RELAY
 
 GROUPS = ("route", "deployment", "key", "run", "model", "tag", "minute", "hour", "day")
-
-
-def _flatten(row: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in row.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{name}_"))
-        elif isinstance(value, list):
-            out[name] = ";".join(str(v) for v in value)
-        else:
-            out[name] = value
-    return out
-
-
-def rows_to_csv(rows: list[dict[str, Any]]) -> str:
-    flat = [_flatten(r) for r in rows]
-    columns: list[str] = []
-    for row in flat:
-        columns.extend(k for k in row if k not in columns)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(flat)
-    return buffer.getvalue()
 
 
 async def usage(request: web.Request) -> web.StreamResponse:
@@ -59,7 +30,7 @@ async def usage(request: web.Request) -> web.StreamResponse:
         ledger_query.query_usage, relay.db_path, since, until, group_by, q.get("run"), key_id, q.get("route")
     )
     if q.get("format") == "csv":
-        return web.Response(text=rows_to_csv(result["rows"]), content_type="text/csv")
+        return web.Response(text=ledger_query.rows_to_csv(result["rows"]), content_type="text/csv")
     return web.json_response(result)
 
 
