@@ -133,6 +133,10 @@ class Daemon:
     def base_url(self) -> str:
         return f"{self.url}/v1"
 
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
     def log_records(self, logger: str = "tokenrelay.requests") -> list[dict[str, Any]]:
         """The structured request log lines written so far."""
         out = []

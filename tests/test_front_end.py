@@ -34,10 +34,6 @@ api_key_env = "TEST_UPSTREAM_KEY"
     return daemon_factory(config)
 
 
-def port(d: Daemon) -> int:
-    return int(d.url.rsplit(":", 1)[1])
-
-
 def post(path: str, body: dict[str, Any] | bytes, extra: str = "") -> bytes:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n"
@@ -98,7 +94,7 @@ async def test_sdk_calls_are_served_by_the_front_end_and_metered_once(relay: Dae
 
 
 async def test_a_connection_mixes_front_end_and_aiohttp_requests_in_order(relay: Daemon) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port(relay))
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
     # Two relayed calls pipelined in one write, then a request the front end leaves to aiohttp, then another call.
     writer.write(post("/v1/chat/completions", CHAT) + post("/v1/chat/completions", {**CHAT, "model": "nope"}))
     first = await read_response(reader)
@@ -108,7 +104,7 @@ async def test_a_connection_mixes_front_end_and_aiohttp_requests_in_order(relay:
     third = await read_response(reader)
     writer.close()
     # A deployment name beyond Latin-1 goes out in its header as UTF-8, from either front end.
-    reader, writer = await asyncio.open_connection("127.0.0.1", port(relay))
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
     writer.write(post("/v1/chat/completions", {**CHAT, "model": "u"}))
     named = await read_response(reader)
     writer.write(post("/v1/chat/completions", {**CHAT, "model": "u", "stream": True}))
@@ -124,7 +120,7 @@ async def test_a_connection_mixes_front_end_and_aiohttp_requests_in_order(relay:
 
 
 async def test_a_stream_is_chunked_and_the_connection_carries_the_next_call(relay: Daemon) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port(relay))
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
     writer.write(post("/run/job-7/v1/chat/completions", {**CHAT, "stream": True}))
     status, headers, body = await read_response(reader)
     writer.write(post("/v1/messages", {"model": "claude", "max_tokens": 32, "messages": CHAT["messages"]}))
@@ -141,7 +137,7 @@ async def test_a_stream_is_chunked_and_the_connection_carries_the_next_call(rela
 
 async def test_a_body_in_pieces_and_a_chunked_body(relay: Daemon) -> None:
     data = json.dumps(CHAT).encode()
-    reader, writer = await asyncio.open_connection("127.0.0.1", port(relay))
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
     request = post("/v1/chat/completions", data)
     writer.write(request[: -len(data) + 5])  # the head and 5 bytes of the body
     await asyncio.sleep(0.2)
@@ -163,7 +159,7 @@ async def test_a_body_in_pieces_and_a_chunked_body(relay: Daemon) -> None:
 
 
 async def test_an_oversized_body_is_413_in_the_api_shape_and_the_connection_closes(relay: Daemon) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port(relay))
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
     head = "POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 5000000\r\n\r\n"
     writer.write(head.encode())
 
@@ -190,13 +186,13 @@ async def test_malformed_and_old_requests_get_aiohttps_answers(relay: Daemon) ->
         b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
         b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 not http\r\n\r\n",
     ):
-        reader, writer = await asyncio.open_connection("127.0.0.1", port(relay))
+        reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
         writer.write(raw)
         async with asyncio.timeout(5):
             answer = await reader.read()
         writer.close()
         assert answer.startswith(b"HTTP/1.") and answer[9:10] == b"4", answer[:80]
-    reader, writer = await asyncio.open_connection("127.0.0.1", port(relay))
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
     writer.write(post("/v1/chat/completions", CHAT).replace(b"HTTP/1.1", b"HTTP/1.0", 1))
     async with asyncio.timeout(5):
         answer = await reader.read()  # HTTP/1.0 without keep-alive: answered, then closed

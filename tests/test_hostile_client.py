@@ -45,10 +45,6 @@ def relay(hostile: HostileUpstream, tmp_path_factory: pytest.TempPathFactory) ->
     d.stop()
 
 
-def port(d: Daemon) -> int:
-    return int(d.url.rsplit(":", 1)[1])
-
-
 def records(d: Daemon, **match: Any) -> list[dict[str, Any]]:
     return [r for r in d.log_records() if all(r.get(k) == v for k, v in match.items())]
 
@@ -71,7 +67,7 @@ def rss_kib(pid: int) -> int:
 
 
 async def raw_request(d: Daemon, head: bytes, body: bytes = b"", read_timeout: float = 5.0) -> bytes:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port(d))
+    reader, writer = await asyncio.open_connection("127.0.0.1", d.port)
     writer.write(head + body)
     await writer.drain()
     try:
@@ -133,7 +129,7 @@ async def test_limits_admit_the_maximum(relay: Daemon) -> None:
 
 
 async def test_slowloris_body_is_408_in_openai_shape(relay: Daemon) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port(relay))
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
     writer.write(post_head(extra="Authorization: Bearer slowloris\r\n"))
     started = time.monotonic()
     with contextlib.suppress(ConnectionError):
@@ -165,7 +161,7 @@ def stream_request(route: str, key: str) -> bytes:
 async def open_stalled_client(d: Daemon, route: str, key: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: the server's buffer fills fast
-    sock.connect(("127.0.0.1", port(d)))
+    sock.connect(("127.0.0.1", d.port))
     sock.setblocking(False)
     reader, writer = await asyncio.open_connection(sock=sock, limit=4096)
     writer.write(stream_request(route, key))
@@ -254,7 +250,7 @@ async def test_a_connection_burst_while_the_daemon_is_busy_is_queued_not_dropped
     try:
         started = time.monotonic()
         opened = await asyncio.gather(
-            *(asyncio.wait_for(asyncio.open_connection("127.0.0.1", port(relay)), 0.9) for _ in range(burst)),
+            *(asyncio.wait_for(asyncio.open_connection("127.0.0.1", relay.port), 0.9) for _ in range(burst)),
             return_exceptions=True,
         )
         connect_s = time.monotonic() - started
@@ -283,7 +279,7 @@ def test_the_open_file_limit_is_raised_to_the_hard_limit(tmp_path: Path) -> None
     d = start_daemon(tmp_path, preexec=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)))
 
     async def burst(n: int) -> list[bytes]:
-        opened = [await asyncio.open_connection("127.0.0.1", port(d)) for _ in range(n)]
+        opened = [await asyncio.open_connection("127.0.0.1", d.port) for _ in range(n)]
         try:
             for _, w in opened:
                 w.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")

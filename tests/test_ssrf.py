@@ -51,12 +51,8 @@ api_key_env = "TEST_UPSTREAM_KEY"
     d.stop()
 
 
-def port(d: Daemon) -> int:
-    return int(d.url.rsplit(":", 1)[1])
-
-
 async def raw(d: Daemon, request: bytes) -> bytes:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port(d))
+    reader, writer = await asyncio.open_connection("127.0.0.1", d.port)
     writer.write(request)
     await writer.drain()
     async with asyncio.timeout(10):
