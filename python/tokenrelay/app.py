@@ -110,30 +110,42 @@ QUICK_EXIT_S = 5.0
 MAX_QUICK_EXITS = 3
 
 
+def _bound(host: str, port: int, reuse_port: bool) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Accepted sockets inherit SO_KEEPALIVE from the listener (Linux, BSDs): set once here, instead of
+        # aiohttp's setsockopt on every connection it accepts (`tcp_keepalive=False` below). TCP_NODELAY the loop
+        # sets itself.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def probe_port(host: str, port: int) -> None:
     """Raises the OSError of binding `host:port` if anything listens there: without SO_REUSEPORT, so that the
     workers of another tokenrelay on the port (same user, SO_REUSEPORT) count too, instead of being joined and
     silently sharing its connections. (Bound, never listening: no connection is queued to the probe.)"""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
+    _bound(host, port, reuse_port=False).close()
 
 
 def bind_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
     """A listening socket, bound before the app is built so the mock routes know the real port."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    # Accepted sockets inherit SO_KEEPALIVE from the listener (Linux, BSDs): set once here, instead of aiohttp's
-    # setsockopt on every connection it accepts (`tcp_keepalive=False` below). TCP_NODELAY the loop sets itself.
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    if reuse_port:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
+    sock = _bound(host, port, reuse_port)
     sock.listen(LISTEN_BACKLOG)
     sock.setblocking(False)
     return sock
+
+
+def _cannot_listen(config: Config, exc: OSError) -> int:
+    print(f"tokenrelay: cannot listen on {config.host}:{config.port}: {exc.strerror}", file=sys.stderr)
+    return CANNOT_START
 
 
 async def serve(config: Config, sock: socket.socket | None = None, ready_fd: int | None = None) -> None:
@@ -227,8 +239,7 @@ def run(config: Config) -> int:
         try:
             sock = bind_socket(config.host, config.port, reuse_port=worker)
         except OSError as exc:
-            print(f"tokenrelay: cannot listen on {config.host}:{config.port}: {exc.strerror}", file=sys.stderr)
-            return CANNOT_START
+            return _cannot_listen(config, exc)
         try:
             _run_loop(serve(config, sock))
         except LedgerError as exc:  # (the ledger cannot be opened, or is from a newer tokenrelay)
@@ -258,8 +269,7 @@ def _supervise(config: Config) -> int:
     try:  # (here, once: a port that cannot be had would otherwise make every worker exit, and be restarted)
         probe_port(config.host, config.port)
     except OSError as exc:
-        print(f"tokenrelay: cannot listen on {config.host}:{config.port}: {exc.strerror}", file=sys.stderr)
-        return CANNOT_START
+        return _cannot_listen(config, exc)
     env = {**os.environ, "TOKENRELAY_WORKER": "1"}
     args = [sys.executable, "-m", "tokenrelay", *sys.argv[1:]]
     workers = [subprocess.Popen(args, env=env) for _ in range(config.workers)]
