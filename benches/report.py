@@ -18,19 +18,34 @@ def _num(x: Any) -> float | None:
     return float(x) if isinstance(x, int | float) and x == x else None
 
 
-def median_of(
+def _values(
     records: list[Rec], target: str, scenario: str, level: int | None, get: Callable[[Rec], Any]
-) -> float | None:
-    vals = [
+) -> list[float]:
+    """One value per measurement of a target's scenario at a level (every level when None), failures left out."""
+    vals = (
         _num(get(r))
         for r in records
         if r["target"] == target
         and r["scenario"] == scenario
         and (level is None or r.get("level") == level)
         and "failed" not in r
-    ]
-    v = [x for x in vals if x is not None]
+    )
+    return [x for x in vals if x is not None]
+
+
+def median_of(
+    records: list[Rec], target: str, scenario: str, level: int | None, get: Callable[[Rec], Any]
+) -> float | None:
+    v = _values(records, target, scenario, level, get)
     return statistics.median(v) if v else None
+
+
+def best_of(
+    records: list[Rec], target: str, scenario: str, level: int | None, get: Callable[[Rec], Any]
+) -> float | None:
+    """The largest value over rounds (None where no round measured it)."""
+    v = _values(records, target, scenario, level, get)
+    return max(v) if v else None
 
 
 def total_errors(records: list[Rec], target: str, scenario: str, level: int | None = None) -> int | None:
@@ -269,7 +284,9 @@ def goals(meta: dict[str, Any], records: list[Rec]) -> list[tuple[str, str]]:
             )
         else:
             out.append(("unpaced events/s ≥ 0.8× nginx, CPU/event ≤ 2× nginx", "not measured in this run"))
-        evl = median_of(records, "litellm", "unpaced", lv, lambda r: r["events_per_s"])
+        # LiteLLM's best round, not its median: a round in which it delivered a handful of events before the cut
+        # would make the median ratio a meaningless 10^5-10^6x, and the best round is the comparison most in its favour.
+        evl = best_of(records, "litellm", "unpaced", lv, lambda r: r["events_per_s"])
         errs = total_errors(records, t, "unpaced") or 0
         errs += sum(total_errors(records, t, sc) or 0 for sc in ("paced", "anthropic", "nonstream", "idle"))
         if ev and evl == 0:
@@ -284,7 +301,8 @@ def goals(meta: dict[str, Any], records: list[Rec]) -> list[tuple[str, str]]:
             out.append(
                 (
                     "≥ 20× LiteLLM events/s with zero errors",
-                    f"{mark(ev >= 20 * evl and errs == 0)} {ev / evl:.1f}× LiteLLM; tokenrelay errors {errs}",
+                    f"{mark(ev >= 20 * evl and errs == 0)} {ev / evl:.1f}× LiteLLM's best round "
+                    f"({evl:.0f} events/s); tokenrelay errors {errs}",
                 )
             )
         else:
@@ -369,3 +387,26 @@ def chart(records: list[Rec], names: list[str], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def main(argv: list[str]) -> int:
+    """`python benches/report.py benches/out/<run>/results.json`: the tables and chart of an earlier run, written
+    again into benches/README.md and results.png (after a change to this file, without measuring again)."""
+    if len(argv) != 1:
+        print("usage: python benches/report.py RESULTS_JSON", file=sys.stderr)
+        return 2
+    import orjson
+
+    data = orjson.loads(Path(argv[0]).read_bytes())
+    meta, records = data["meta"], data["records"]
+    names = list(dict.fromkeys(r["target"] for r in records))
+    md = markdown(meta, records, names)
+    here = Path(__file__).resolve().parent
+    update_readme(here / "README.md", md)
+    chart(records, names, here / "results.png")
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -481,6 +481,22 @@ class Bench:
         if status != 200:
             raise RuntimeError(f"mock control failed: {status} {body[:200]!r}")
 
+    def settle(self, timeout_s: float = 30.0) -> None:
+        """Waits until the mock holds no stream open upstream, so that a target which was just stopped (LiteLLM
+        leaves streams the load generator cut) does not keep core 0 busy under the next one's measurements."""
+        deadline = time.monotonic() + timeout_s
+        started, first = time.monotonic(), None
+        while True:
+            status, body = http("GET", self.mock_control)
+            open_streams = orjson.loads(body).get("open_streams", 0) if status == 200 else 0
+            first = open_streams if first is None else first
+            if not open_streams or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        if first:
+            waited = time.monotonic() - started
+            log(f"  settle: {first} streams were still open upstream; {open_streams} after {waited:.1f} s")
+
     def loadgen(
         self, run: Running, tag: str, *, path: str, body: dict[str, Any], extra: list[str], timeout_s: float
     ) -> dict[str, Any]:
@@ -820,6 +836,7 @@ def main(argv: list[str] | None = None) -> int:
                             bench.records.append({"target": t, "scenario": s, "round": rnd, "failed": str(exc)[:400]})
                 finally:
                     run.stop()
+                    bench.settle()
         if "capacity" in scenarios:
             budget = 120 if args.quick else 240
             per_target = budget / max(1, len(active))
@@ -839,6 +856,7 @@ def main(argv: list[str] | None = None) -> int:
                     log(f"  capacity failed: {exc!r}")
                 finally:
                     run.stop()
+                    bench.settle()
     finally:
         mock.stop()
     elapsed = time.monotonic() - started
