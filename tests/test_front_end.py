@@ -119,6 +119,21 @@ async def test_a_connection_mixes_front_end_and_aiohttp_requests_in_order(relay:
     assert [r["status"] for r in relay.wait_records(5)] == [200, 404, 200, 200, 200]
 
 
+async def test_thousands_of_pipelined_calls_are_answered_in_order(relay: Daemon) -> None:
+    # A client may write many requests before reading an answer (HTTP/1.1 pipelining): each is answered, in
+    # order, on the one connection, however many the front end finds in one read.
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+    n = 1000
+    models = [f"nope-{i}" for i in range(n)]
+    writer.write(b"".join(post("/v1/chat/completions", {**CHAT, "model": m}) for m in models))
+    writer.write(post("/v1/chat/completions", CHAT))
+    answers = [await read_response(reader) for _ in range(n + 1)]
+    writer.close()
+    assert [a[0] for a in answers] == [404] * n + [200]
+    assert all(repr(m) in json.loads(a[2])["error"]["message"] for m, a in zip(models, answers, strict=False))
+    assert relay.get("/healthz")["status"] == "ok"
+
+
 async def test_a_stream_is_chunked_and_the_connection_carries_the_next_call(relay: Daemon) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
     writer.write(post("/run/job-7/v1/chat/completions", {**CHAT, "stream": True}))
