@@ -11,6 +11,7 @@ pub mod events;
 pub mod h1;
 pub mod meter;
 pub mod plane;
+pub mod spin;
 pub mod sse;
 pub mod tokens;
 pub mod translate;

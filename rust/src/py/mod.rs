@@ -7,6 +7,7 @@ mod body;
 mod h1;
 mod meter;
 mod plane;
+mod spin;
 mod stream;
 mod tokens;
 mod translate;
@@ -39,6 +40,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     meter::register(m)?;
     translate::register(m)?;
     h1::register(m)?;
+    spin::register(m)?;
     plane::register(m)?;
     body::register(m)?;
     Ok(())

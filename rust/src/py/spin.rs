@@ -1,0 +1,56 @@
+//! Python glue for busy polling: `Spinner` (see `rust/src/spin.rs`).
+
+use pyo3::exceptions::PyOSError;
+use pyo3::prelude::*;
+
+use crate::spin::Spinner;
+
+/// An idle-priority thread that keeps its core awake while `enter()` calls outnumber `leave()` calls.
+#[pyclass(frozen, module = "tokenrelay._core", name = "Spinner")]
+pub struct PySpinner {
+    spinner: Spinner,
+}
+
+#[pymethods]
+impl PySpinner {
+    /// Starts the thread (pinned to `cpu` if given, `SCHED_IDLE`); `OSError` if it cannot be made so.
+    #[new]
+    #[pyo3(signature = (cpu=None))]
+    fn new(py: Python<'_>, cpu: Option<usize>) -> PyResult<Self> {
+        let spinner = py
+            .detach(|| Spinner::start(cpu))
+            .map_err(|e| PyOSError::new_err(format!("cannot start the busy-poll thread: {e}")))?;
+        Ok(PySpinner { spinner })
+    }
+
+    /// One more reason to spin (a client connection opened).
+    fn enter(&self) {
+        self.spinner.enter();
+    }
+
+    /// One reason fewer; spinning stops when none is left.
+    fn leave(&self) {
+        self.spinner.leave();
+    }
+
+    /// The reasons to spin now.
+    #[getter]
+    fn clients(&self) -> usize {
+        self.spinner.clients()
+    }
+
+    /// The CPU seconds the thread has used (what busy polling cost).
+    #[getter]
+    fn cpu_seconds(&self) -> f64 {
+        self.spinner.cpu_ns() as f64 / 1e9
+    }
+
+    /// Stops the thread and waits for it.
+    fn close(&self, py: Python<'_>) {
+        py.detach(|| self.spinner.stop());
+    }
+}
+
+pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PySpinner>()
+}
