@@ -16,8 +16,8 @@ from dataclasses import replace
 
 from aiohttp import web
 
-from tokenrelay import auth, plane, server
-from tokenrelay._core import Meters
+from tokenrelay import auth, busypoll, plane, server
+from tokenrelay._core import Meters, Spinner
 from tokenrelay.config import Config, with_builtin_routes
 from tokenrelay.h1client import Client
 from tokenrelay.handlers import admin, api, keys, ui, usage
@@ -152,6 +152,16 @@ async def serve(config: Config, sock: socket.socket | None = None, ready_fd: int
     """Runs one server process until SIGTERM or SIGINT, then drains in-flight requests and exits."""
     if sock is None:
         sock = bind_socket(config.host, config.port, reuse_port=False)
+    # (pinned before any thread of the app starts: they inherit the core)
+    spinner = busypoll.start() if config.busy_poll else None
+    try:
+        await _serve(config, sock, ready_fd, spinner)
+    finally:
+        if spinner is not None:
+            spinner.close()
+
+
+async def _serve(config: Config, sock: socket.socket, ready_fd: int | None, spinner: Spinner | None) -> None:
     host, port = sock.getsockname()[:2]
     config = replace(config, port=port)
     app = build_app(config)
@@ -175,9 +185,12 @@ async def serve(config: Config, sock: socket.socket | None = None, ready_fd: int
         # and every call it then makes on it, to aiohttp)
         gets = {"/models": admin.models}
         front = app[RELAY].front = FrontEnd(app, runner.server, auth.middleware, routes, config.max_body_bytes, gets)
+        front.spinner = spinner
         # (listening again: without `backlog` the queue would shrink to the default of 100)
         listener = await loop.create_server(front, sock=sock, backlog=LISTEN_BACKLOG)
     else:
+        if spinner is not None:
+            log.warning("busy_poll needs the own front end (TOKENRELAY_FRONT_END=aiohttp): the core is pinned only")
         # (the site listens again: without `backlog` it would shrink the queue to aiohttp's default of 128)
         site = web.SockSite(runner, sock, shutdown_timeout=config.shutdown_grace_s, backlog=LISTEN_BACKLOG)
         await site.start()
@@ -272,7 +285,11 @@ def _supervise(config: Config) -> int:
         return _cannot_listen(config, exc)
     env = {**os.environ, "TOKENRELAY_WORKER": "1"}
     args = [sys.executable, "-m", "tokenrelay", *sys.argv[1:]]
-    workers = [subprocess.Popen(args, env=env) for _ in range(config.workers)]
+
+    def start(index: int) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(args, env={**env, busypoll.WORKER_INDEX_ENV: str(index)})
+
+    workers = [start(i) for i in range(config.workers)]
     started = [time.monotonic()] * len(workers)
     quick_exits = [0] * len(workers)  # exits in a row, each within QUICK_EXIT_S of its start
     stopping = False
@@ -298,7 +315,7 @@ def _supervise(config: Config) -> int:
                     forward(signal.SIGTERM, None)
                     break
                 log.error("worker %d exited with %s; restarting it", w.pid, w.returncode)
-                workers[i] = subprocess.Popen(args, env=env)
+                workers[i] = start(i)
                 started[i] = now
     codes = [w.wait() for w in workers]
     if any(n >= MAX_QUICK_EXITS for n in quick_exits):

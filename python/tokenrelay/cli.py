@@ -26,6 +26,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--db", metavar="PATH", help="usage ledger (SQLite; default under the user's data dir)")
     serve.add_argument("--workers", type=int, metavar="N", help="worker processes sharing the port (default 1)")
     serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="log level (default info)")
+    serve.add_argument(
+        "--busy-poll",
+        action="store_true",
+        help="pin each worker to a core and keep it awake while clients are connected (lower latency, a core busy)",
+    )
 
     check = commands.add_parser("check", help="validate a config file; print every error with its key path")
     check.add_argument("file", metavar="FILE")
@@ -147,6 +152,8 @@ def _serve(args: argparse.Namespace) -> int:
         config = replace(config, workers=args.workers)
     if args.log_level:
         config = replace(config, log_level=args.log_level)
+    if args.busy_poll:
+        config = replace(config, busy_poll=True)
     _setup_logging(config.log_level)
     return run(config)
 

@@ -363,6 +363,15 @@ class Relay:
                 "# TYPE tokenrelay_front_end_handoffs_total counter",
                 f"tokenrelay_front_end_handoffs_total {front.handed_off}",
             ]
+            if front.spinner is not None:
+                outstanding += [
+                    "# HELP tokenrelay_busy_poll_cpu_seconds_total CPU time of this worker's busy-poll thread.",
+                    "# TYPE tokenrelay_busy_poll_cpu_seconds_total counter",
+                    f"tokenrelay_busy_poll_cpu_seconds_total {front.spinner.cpu_seconds:.6f}",
+                    "# HELP tokenrelay_busy_poll_clients Client connections keeping the busy-poll thread spinning.",
+                    "# TYPE tokenrelay_busy_poll_clients gauge",
+                    f"tokenrelay_busy_poll_clients {front.spinner.clients}",
+                ]
         return "\n".join(lines + outstanding) + "\n"
 
     def _cancelled(self, outcome: Outcome, why: str) -> None:

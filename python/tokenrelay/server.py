@@ -31,7 +31,7 @@ from typing import Any, cast
 from aiohttp import web
 from multidict import CIMultiDict
 
-from tokenrelay._core import parse_request_head
+from tokenrelay._core import Spinner, parse_request_head
 from tokenrelay.errors import api_of_path, error_response
 
 log = logging.getLogger("tokenrelay")
@@ -100,6 +100,7 @@ class FrontEnd:
         self.closing = False
         self.requests = 0  # requests served here (/metrics)
         self.handed_off = 0  # connections handed to aiohttp (/metrics)
+        self.spinner: Spinner | None = None  # busy polling: kept spinning while a client connection is open
 
     def __call__(self) -> Connection:
         return Connection(self)
@@ -265,11 +266,21 @@ class Connection(asyncio.Protocol):
         self._reading_paused = False
         self._linger: asyncio.TimerHandle | None = None
         self.started = False  # some of the response in flight has been written
+        self._spinning = False  # this connection keeps the busy-poll spinner going
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         self.front.connections.add(self)
         self._idle = self.front.loop.call_later(KEEPALIVE_TIMEOUT_S, self.close)
+        spinner = self.front.spinner
+        if spinner is not None:
+            spinner.enter()
+            self._spinning = True
+
+    def _stop_spinning(self) -> None:
+        if self._spinning:
+            self._spinning = False
+            cast(Spinner, self.front.spinner).leave()
 
     def data_received(self, data: bytes) -> None:
         if self.body_missing:
@@ -411,6 +422,7 @@ class Connection(asyncio.Protocol):
             self._idle.cancel()
             self._idle = None
         self.front.connections.discard(self)
+        self._stop_spinning()
         self.front.handed_off += 1
         data, self.pending = self.pending, b""
         protocol = self.front.aiohttp_server()
@@ -448,6 +460,7 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
         self.front.connections.discard(self)
+        self._stop_spinning()
         for timer in (self._idle, self._linger):
             if timer is not None:
                 timer.cancel()
