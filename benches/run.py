@@ -1,7 +1,8 @@
 """Side-by-side benchmarks: tokenrelay against no proxy, nginx and LiteLLM, in one run on one machine.
 
     python benches/run.py [--quick] [--scenarios paced,unpaced,idle,nonstream,anthropic,capacity]
-                          [--targets direct,tokenrelay-w1,tokenrelay-w2,nginx-w1,nginx-w2,litellm]
+                          [--targets direct,tokenrelay-w1,tokenrelay-w2,tokenrelay-w1-busy,tokenrelay-w2-busy,
+                                     nginx-w1,nginx-w2,litellm]
                           [--rounds N] [--mock fast|aiohttp] [--rig rust|python] [--no-readme]
 
 Every process is separate: the mock upstream (`fastmock`, or `tokenrelay.mock` with `--mock aiohttp`), the load
@@ -60,7 +61,16 @@ ANTHROPIC_BODY = {
     "max_tokens": 256,
     "messages": [{"role": "user", "content": "say something"}],
 }
-ALL_TARGETS = ["direct", "tokenrelay-w1", "tokenrelay-w2", "nginx-w1", "nginx-w2", "litellm"]
+ALL_TARGETS = [
+    "direct",
+    "tokenrelay-w1",
+    "tokenrelay-w2",
+    "tokenrelay-w1-busy",
+    "tokenrelay-w2-busy",
+    "nginx-w1",
+    "nginx-w2",
+    "litellm",
+]
 ALL_SCENARIOS = ["nonstream", "paced", "anthropic", "unpaced", "idle", "capacity"]
 
 
@@ -240,8 +250,11 @@ def start_direct(work: Path, mock_port: int) -> Running:
     return Running(mock_port, [])
 
 
-def tokenrelay_starter(workers: int, python: str = sys.executable, name: str = "") -> Callable[[Path, int], Running]:
-    """`python`: the interpreter whose tokenrelay runs (another build, for a before/after in one run)."""
+def tokenrelay_starter(
+    workers: int, python: str = sys.executable, name: str = "", extra: tuple[str, ...] = ()
+) -> Callable[[Path, int], Running]:
+    """`python`: the interpreter whose tokenrelay runs (another build, for a before/after in one run); `extra`:
+    more `serve` arguments (`--busy-poll`)."""
     name = name or f"tokenrelay-w{workers}"
 
     def start(work: Path, mock_port: int) -> Running:
@@ -278,6 +291,7 @@ model = "mock-claude"
             "warning",
             "--db",
             str(work / f"{name}.db"),
+            *extra,
         ]
         p = Proc(cmd, work / f"{name}.log", env={**os.environ, "PYTHONUNBUFFERED": "1"})
         try:
@@ -421,6 +435,15 @@ TARGETS: dict[str, Target] = {
     "direct": Target("direct", CORE_RIG, start_direct),
     "tokenrelay-w1": Target("tokenrelay-w1", CORE_PROXY, tokenrelay_starter(1)),
     "tokenrelay-w2": Target("tokenrelay-w2", f"{CORE_RIG},{CORE_PROXY}", tokenrelay_starter(2)),
+    # (busy polling: each worker pinned to one of the target's cores, kept awake while clients are connected)
+    "tokenrelay-w1-busy": Target(
+        "tokenrelay-w1-busy", CORE_PROXY, tokenrelay_starter(1, name="tokenrelay-w1-busy", extra=("--busy-poll",))
+    ),
+    "tokenrelay-w2-busy": Target(
+        "tokenrelay-w2-busy",
+        f"{CORE_RIG},{CORE_PROXY}",
+        tokenrelay_starter(2, name="tokenrelay-w2-busy", extra=("--busy-poll",)),
+    ),
     "nginx-w1": Target("nginx-w1", CORE_PROXY, nginx_starter(1)),
     "nginx-w2": Target("nginx-w2", f"{CORE_RIG},{CORE_PROXY}", nginx_starter(2)),
     "litellm": Target("litellm", CORE_PROXY, start_litellm),

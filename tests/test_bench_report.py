@@ -62,3 +62,30 @@ def test_litellm_close_to_tokenrelay_misses_the_target() -> None:
 def test_litellm_that_delivered_nothing_is_said_so() -> None:
     row = _litellm_row([0.0, 0.0, 0.0])
     assert "LiteLLM delivered no event" in row
+
+
+def _paced(target: str, p50s: list[float], p99s: list[float]) -> list[dict[str, Any]]:
+    return [
+        {"target": target, "scenario": "paced", "round": i, "level": 256, "ttft_ms": {"p50": a, "p99": b}, "errors": 0}
+        for i, (a, b) in enumerate(zip(p50s, p99s, strict=True))
+    ]
+
+
+def test_the_paced_and_capacity_rows_show_each_tokenrelay_mode_against_direct() -> None:
+    records = (
+        _paced("direct", [0.20, 0.18, 0.25], [0.5, 0.6, 0.4])
+        + _paced("tokenrelay-w1", [1.0, 0.9, 1.2], [2.0, 3.0, 2.5])
+        + _paced("tokenrelay-w1-busy", [0.6, 0.5, 0.7], [1.5, 1.9, 2.1])
+        + [
+            {"target": t, "scenario": "capacity-max", "level": lv}
+            for t, lv in (("direct", 3072), ("tokenrelay-w2", 768), ("tokenrelay-w2-busy", 1024))
+        ]
+    )
+    rows = dict(_report().goals({}, records))
+    paced = rows["paced 256: added TTFT p50 ≤ 0.5 ms, p99 ≤ 2 ms"]
+    # medians: direct 0.20 / 0.5, default 1.0 / 2.5, busy 0.6 / 1.9
+    assert paced == (
+        "❌ workers 1: p50 +0.80 ms, p99 +2.00 ms; ✅ workers 1 with --busy-poll: p50 +0.40 ms, p99 +1.40 ms"
+    )
+    capacity = rows["≥ 1024 sustained paced streams with --workers 2"]
+    assert capacity == "❌ workers 2: 768; ✅ workers 2 with --busy-poll: 1024 (rig ceiling: direct 3072)"
