@@ -11,6 +11,7 @@ from pathlib import Path
 
 import openai
 import pytest
+from tokenrelay import busypoll
 
 from tests.conftest import Daemon, MockUpstream, free_port, route_config
 
@@ -83,6 +84,7 @@ def test_the_worker_is_pinned_and_spins_only_while_a_client_is_connected(
     while d.metric("tokenrelay_busy_poll_clients") != 0 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert d.metric("tokenrelay_busy_poll_clients") == 0
+    time.sleep(busypoll.LINGER_S + 0.3)  # (it spins on for LINGER_S after the last client left)
     assert _cpu_over(pid, spin, 0.5) < 0.1  # the client is gone: asleep again
     assert d.metric("tokenrelay_busy_poll_cpu_seconds_total") >= spun
     assert d.stop() == 0

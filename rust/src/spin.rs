@@ -5,16 +5,20 @@
 //! few hundred microseconds of Python that open a stream run several times slower than on a warm core
 //! (benches/README.md, "Busy polling"). A thread that spins on the worker's core never lets it go idle; as a
 //! `SCHED_IDLE` thread it runs only when nothing else on that core wants to, and any other thread that wakes
-//! there preempts it at once. It spins only while [`Spinner::enter`] calls outnumber [`Spinner::leave`] calls
-//! (the worker's open client connections), and sleeps on a condition variable otherwise.
+//! there preempts it at once. It spins while [`Spinner::enter`] calls outnumber [`Spinner::leave`] calls (the
+//! worker's open client connections) and for a linger after the last leave (an SDK closes its connection after
+//! each stream, and opens the next one a tool call later), and sleeps on a condition variable otherwise.
 //!
 //! The price is a core at 100 % for as long as clients are connected: `busy_poll` is off by default.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::plane::monotonic_ns;
 
 /// How many spin hints between two looks at the count (~µs: a leave is noticed within that).
 const SPINS_PER_CHECK: u32 = 256;
@@ -22,6 +26,11 @@ const SPINS_PER_CHECK: u32 = 256;
 #[derive(Debug, Default)]
 struct Shared {
     clients: AtomicUsize,
+    /// When `leave` was last called (CLOCK_MONOTONIC ns), and how long to spin on after it.
+    left_ns: AtomicU64,
+    linger_ns: u64,
+    /// The thread is spinning (else asleep, or not yet started).
+    spinning: AtomicBool,
     stop: AtomicBool,
     lock: Mutex<()>,
     wake: Condvar,
@@ -39,8 +48,11 @@ pub struct Spinner {
 impl Spinner {
     /// Starts the thread, pinned to `cpu` if given, as `SCHED_IDLE`. An error if the thread cannot be made
     /// idle-priority or pinned: spinning at normal priority would take half the core from the worker.
-    pub fn start(cpu: Option<usize>) -> io::Result<Spinner> {
-        let shared = Arc::new(Shared::default());
+    pub fn start(cpu: Option<usize>, linger: Duration) -> io::Result<Spinner> {
+        let shared = Arc::new(Shared {
+            linger_ns: u64::try_from(linger.as_nanos()).unwrap_or(u64::MAX),
+            ..Shared::default()
+        });
         let (ready, started) = mpsc::channel::<io::Result<libc::clockid_t>>();
         let thread_shared = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
@@ -83,10 +95,17 @@ impl Spinner {
     /// One reason fewer (a client connection closed); spinning stops when none is left. Extra calls are
     /// ignored (the count does not go below zero).
     pub fn leave(&self) {
+        // (stamped first: the thread that sees the count at zero sees this leave's time with it)
+        self.shared.left_ns.store(monotonic_ns(), Ordering::Release);
         let _ = self
             .shared
             .clients
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+    }
+
+    /// Whether the thread is spinning now (as of its last look at the count).
+    pub fn spinning(&self) -> bool {
+        self.shared.spinning.load(Ordering::Acquire)
     }
 
     /// The reasons to spin now.
@@ -170,13 +189,18 @@ fn run(shared: &Shared) {
         if shared.stop.load(Ordering::Acquire) {
             return;
         }
-        if shared.clients.load(Ordering::Acquire) == 0 {
+        if shared.clients.load(Ordering::Acquire) == 0
+            && monotonic_ns().saturating_sub(shared.left_ns.load(Ordering::Acquire))
+                >= shared.linger_ns
+        {
+            shared.spinning.store(false, Ordering::Release);
             let mut guard = shared.lock.lock().unwrap_or_else(|p| p.into_inner());
             while shared.clients.load(Ordering::Acquire) == 0
                 && !shared.stop.load(Ordering::Acquire)
             {
                 guard = shared.wake.wait(guard).unwrap_or_else(|p| p.into_inner());
             }
+            shared.spinning.store(true, Ordering::Release);
             continue;
         }
         for _ in 0..SPINS_PER_CHECK {
@@ -188,7 +212,7 @@ fn run(shared: &Shared) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::{Duration, Instant};
+    use std::time::Instant;
 
     /// The tests look their thread up by name: one spinner at a time.
     static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
@@ -203,9 +227,10 @@ mod tests {
     #[test]
     fn spins_only_while_entered() {
         let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-        let spinner = Spinner::start(None).unwrap();
+        let spinner = Spinner::start(None, Duration::from_millis(300)).unwrap();
         // Asleep: a few µs at most (the start).
         assert!(cpu_over(&spinner, Duration::from_millis(100)) < 10_000_000);
+        assert!(!spinner.spinning());
         spinner.enter();
         spinner.enter();
         spinner.leave();
@@ -216,7 +241,15 @@ mod tests {
         spinner.leave();
         spinner.leave(); // (one too many: ignored)
         assert_eq!(spinner.clients(), 0);
-        std::thread::sleep(Duration::from_millis(20)); // (the last spin round ends)
+        // It lingers 300 ms after the last leave, then sleeps (a thread of the lowest priority: on a busy test
+        // machine it may take a while to run and see that).
+        std::thread::sleep(Duration::from_millis(150));
+        assert!(spinner.spinning());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while spinner.spinning() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(!spinner.spinning());
         assert!(cpu_over(&spinner, Duration::from_millis(200)) < 10_000_000);
         let start = Instant::now();
         spinner.stop();
@@ -229,7 +262,7 @@ mod tests {
         let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
         // SAFETY: sched_getcpu only reads the calling thread's CPU.
         let cpu = unsafe { libc::sched_getcpu() };
-        let spinner = Spinner::start(Some(cpu as usize)).unwrap();
+        let spinner = Spinner::start(Some(cpu as usize), Duration::ZERO).unwrap();
         let tid = std::fs::read_dir("/proc/self/task")
             .unwrap()
             .filter_map(|e| e.ok())
@@ -252,6 +285,6 @@ mod tests {
         assert_eq!(policy, libc::SCHED_IDLE);
         assert!(on_cpu && count == 1);
         drop(spinner);
-        assert!(Spinner::start(Some(libc::CPU_SETSIZE as usize)).is_err());
+        assert!(Spinner::start(Some(libc::CPU_SETSIZE as usize), Duration::ZERO).is_err());
     }
 }

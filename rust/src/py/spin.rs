@@ -1,11 +1,14 @@
 //! Python glue for busy polling: `Spinner` (see `rust/src/spin.rs`).
 
-use pyo3::exceptions::PyOSError;
+use std::time::Duration;
+
+use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
 
 use crate::spin::Spinner;
 
-/// An idle-priority thread that keeps its core awake while `enter()` calls outnumber `leave()` calls.
+/// An idle-priority thread that keeps its core awake while `enter()` calls outnumber `leave()` calls, and for
+/// `linger_s` after the last `leave()`.
 #[pyclass(frozen, module = "tokenrelay._core", name = "Spinner")]
 pub struct PySpinner {
     spinner: Spinner,
@@ -13,12 +16,16 @@ pub struct PySpinner {
 
 #[pymethods]
 impl PySpinner {
-    /// Starts the thread (pinned to `cpu` if given, `SCHED_IDLE`); `OSError` if it cannot be made so.
+    /// Starts the thread (pinned to `cpu` if given, `SCHED_IDLE`), spinning on for `linger_s` after the last
+    /// `leave()`; `OSError` if it cannot be made so.
     #[new]
-    #[pyo3(signature = (cpu=None))]
-    fn new(py: Python<'_>, cpu: Option<usize>) -> PyResult<Self> {
+    #[pyo3(signature = (cpu=None, linger_s=0.0))]
+    fn new(py: Python<'_>, cpu: Option<usize>, linger_s: f64) -> PyResult<Self> {
+        let linger = Duration::try_from_secs_f64(linger_s).map_err(|_| {
+            PyValueError::new_err("linger_s must be a non-negative number of seconds")
+        })?;
         let spinner = py
-            .detach(|| Spinner::start(cpu))
+            .detach(|| Spinner::start(cpu, linger))
             .map_err(|e| PyOSError::new_err(format!("cannot start the busy-poll thread: {e}")))?;
         Ok(PySpinner { spinner })
     }
