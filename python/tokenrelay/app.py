@@ -7,16 +7,18 @@ import gc
 import logging
 import os
 import resource
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import replace
 
 from aiohttp import web
 
-from tokenrelay import auth, busypoll, plane, server
+from tokenrelay import auth, busypoll, plane, server, workermetrics
 from tokenrelay._core import Meters, Spinner
 from tokenrelay.config import Config, with_builtin_routes
 from tokenrelay.h1client import Client
@@ -201,6 +203,12 @@ async def _serve(config: Config, sock: socket.socket, ready_fd: int | None, spin
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    exporter: workermetrics.Exporter | None = None
+    exporting: asyncio.Task[None] | None = None
+    where = workermetrics.directory()
+    if where is not None:  # one of several workers: /metrics sums them all
+        exporter = app[RELAY].exporter = workermetrics.Exporter(where, app[RELAY].prometheus)
+        exporting = loop.create_task(exporter.run())
     log.info(
         "tokenrelay listening on http://%s:%d (routes: %s)",
         host,
@@ -225,6 +233,9 @@ async def _serve(config: Config, sock: socket.socket, ready_fd: int | None, spin
         grace = config.shutdown_grace_s
         await asyncio.gather(front.shutdown(grace), runner.server.shutdown(grace))
     await runner.cleanup()
+    if exporting is not None and exporter is not None:
+        exporting.cancel()
+        exporter.last()  # (after the last request was metered: this worker's final counts stay in the totals)
 
 
 def raise_fd_limit() -> None:
@@ -283,7 +294,15 @@ def _supervise(config: Config) -> int:
         probe_port(config.host, config.port)
     except OSError as exc:
         return _cannot_listen(config, exc)
-    env = {**os.environ, "TOKENRELAY_WORKER": "1"}
+    metrics_dir = tempfile.mkdtemp(prefix="tokenrelay-metrics-")  # (each worker's /metrics exposition)
+    try:
+        return _supervise_workers(config, metrics_dir)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _supervise_workers(config: Config, metrics_dir: str) -> int:
+    env = {**os.environ, "TOKENRELAY_WORKER": "1", workermetrics.DIR_ENV: metrics_dir}
     args = [sys.executable, "-m", "tokenrelay", *sys.argv[1:]]
 
     def start(index: int) -> subprocess.Popen[bytes]:

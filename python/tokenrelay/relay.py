@@ -44,6 +44,7 @@ from tokenrelay.ratelimit import cooldown_from_headers
 from tokenrelay.routing import CANCELLED, FAILURE, RATE_LIMITED, SUCCESS, RoutePool
 from tokenrelay.server import FastRequest, FastStream, FrontEnd
 from tokenrelay.upstream import redact, redact_text, response_headers, upstream_request
+from tokenrelay.workermetrics import Exporter
 
 log = logging.getLogger("tokenrelay.relay")
 T = TypeVar("T")
@@ -297,6 +298,7 @@ class Relay:
         self._settled.set()
         self.stopping = False  # set when a shutdown begins: handlers cancelled after that were cut by it
         self.front: FrontEnd | None = None  # the own HTTP front end, when it serves (set by `app.serve`)
+        self.exporter: Exporter | None = None  # with several workers: their /metrics summed (set by `app.serve`)
 
     @property
     def db_path(self) -> str:

@@ -50,7 +50,8 @@ async def recent(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     relay = request.app[RELAY]
-    response = web.Response(body=relay.prometheus().encode())
+    text = relay.prometheus() if relay.exporter is None else await relay.exporter.scrape()
+    response = web.Response(body=text.encode())
     response.headers["Content-Type"] = "text/plain; version=0.0.4; charset=utf-8"
     return response
 
