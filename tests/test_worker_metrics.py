@@ -161,28 +161,33 @@ def _wait_for(d: Daemon, want: float, timeout: float = 15.0) -> list[float]:
     raise AssertionError(f"/metrics never settled at {want}: {seen[-20:]}")
 
 
+def two_workers(tmp_path: Path, up: MockUpstream) -> Daemon:
+    return start_daemon(tmp_path, route_config("r", up), args=["--workers", "2"], listen=f"127.0.0.1:{free_port()}")
+
+
+async def calls(d: Daemon, n: int, streams_only: bool = False) -> None:
+    """`n` calls at once, each from its own client (a connection each: the kernel spreads them over the workers);
+    every other one not streamed unless `streams_only`."""
+
+    async def one(i: int) -> None:
+        async with openai.AsyncOpenAI(base_url=d.base_url, api_key="k", max_retries=0) as c:
+            if i % 2 and not streams_only:
+                await c.chat.completions.create(model="r", messages=MESSAGES)  # type: ignore[arg-type]
+            else:
+                s = await c.chat.completions.create(model="r", messages=MESSAGES, stream=True)  # type: ignore[arg-type]
+                async for _ in s:
+                    pass
+
+    await asyncio.gather(*(one(i) for i in range(n)))
+
+
 async def test_two_workers_serve_one_exposition_whose_totals_never_go_back(
     mock_factory: Callable[..., MockUpstream], tmp_path: Path
 ) -> None:
     up = mock_factory(delay_ms=1, tokens=5)
-    port = free_port()
-    d = start_daemon(tmp_path, route_config("r", up), args=["--workers", "2"], listen=f"127.0.0.1:{port}")
+    d = two_workers(tmp_path, up)
     try:
-
-        async def batch(n: int) -> None:
-            # (a client per call: a connection each, which the kernel spreads over both workers)
-            async def one(i: int) -> None:
-                async with openai.AsyncOpenAI(base_url=d.base_url, api_key="k", max_retries=0) as c:
-                    if i % 2:
-                        await c.chat.completions.create(model="r", messages=MESSAGES)  # type: ignore[arg-type]
-                    else:
-                        s = await c.chat.completions.create(model="r", messages=MESSAGES, stream=True)  # type: ignore[arg-type]
-                        async for _ in s:
-                            pass
-
-            await asyncio.gather(*(one(i) for i in range(n)))
-
-        await batch(60)
+        await calls(d, 60)
         pids = {d.get("/healthz")["worker_pid"] for _ in range(40)}
         assert len(pids) == 2, "both workers should be serving"
         seen = _wait_for(d, 60)
@@ -198,9 +203,37 @@ async def test_two_workers_serve_one_exposition_whose_totals_never_go_back(
         while not _worker_pids(d) - pids:
             assert time.monotonic() < deadline, "no new worker"
             await asyncio.sleep(0.1)
-        await batch(20)
+        await calls(d, 20)
         seen = _wait_for(d, 80)
         assert seen == sorted(seen)
         assert _scrape(d.url)[k("tokenrelay_workers")] == 2  # (the dead one no longer counts as alive)
+    finally:
+        assert d.stop() == 0
+
+
+async def test_the_live_page_of_two_workers_shows_them_both(
+    mock_factory: Callable[..., MockUpstream], tmp_path: Path
+) -> None:
+    up = mock_factory(delay_ms=1, tokens=5)
+    d = two_workers(tmp_path, up)
+    try:
+        await calls(d, 40, streams_only=True)
+        assert len(_worker_pids(d)) == 2
+        settled, snap = 0, {}
+        deadline = time.monotonic() + 15
+        while settled < 10:  # 10 snapshots in a row, from whichever worker each new connection reaches
+            assert time.monotonic() < deadline, f"the page never showed both workers' 40 requests: {snap['totals']}"
+            snap = d.get("/ui/snapshot")
+            settled = settled + 1 if snap["workers"] == 2 and snap["totals"]["requests"] == 40 else 0
+            await asyncio.sleep(0.05)
+        assert snap["totals"]["output"] == 40 * 5 == up.stats()["output_tokens"]
+        assert snap["seen"] == 40
+        (deployment,) = next(r for r in snap["routes"] if r["route"] == "r")["deployments"]
+        assert deployment["ttft_samples"] == 40 and deployment["outstanding"] == 0
+        assert sum(snap["ttft_hist"]["counts"]) == 40
+        assert abs(sum(snap["series"]["out"]) - 40 * 5) < 1  # (each second rounded to 0.01)
+        ends = [r["ts"] + r["duration_s"] for r in snap["recent"]]
+        assert len(ends) == 30 and ends == sorted(ends, reverse=True)  # newest first across both workers
+        assert len({r["seq"] for r in snap["recent"]}) == 30
     finally:
         assert d.stop() == 0

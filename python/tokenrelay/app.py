@@ -208,6 +208,7 @@ async def _serve(config: Config, sock: socket.socket, ready_fd: int | None, spin
     where = workermetrics.directory()
     if where is not None:  # one of several workers: /metrics sums them all
         exporter = app[RELAY].exporter = workermetrics.Exporter(where, app[RELAY].prometheus)
+        exporter.ui_part = app[ui.UI_HUB].part
         exporting = loop.create_task(exporter.run())
     log.info(
         "tokenrelay listening on http://%s:%d (routes: %s)",

@@ -11,6 +11,10 @@ stops; a scrape writes the serving worker's file afresh and sums all the files:
 
 What the other workers served shows up within EXPORT_EVERY_S. A single-worker daemon has no such directory and
 serves its own text as it is.
+
+The live page (`/ui`) is shared the same way: each worker also writes its part of the page's snapshot
+(`<pid>.ui.json`, `handlers.ui.Hub.part`) once a second, and the worker a watcher reaches merges the parts of the
+workers alive now (`read_ui_parts`).
 """
 
 from __future__ import annotations
@@ -20,14 +24,20 @@ import contextlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import orjson
 
 log = logging.getLogger("tokenrelay")
 
 DIR_ENV = "TOKENRELAY_METRICS_DIR"
 EXPORT_EVERY_S = 1.0
 SUFFIX = ".prom"
+UI_SUFFIX = ".ui.json"
+UI_FRESH_S = 5.0  # an older part (a worker that is stuck or stopping) is left out of the page
 # Gauges whose values are not amounts: across workers, the largest one (a deployment up in any worker is up).
 _MAX_GAUGES = frozenset({"tokenrelay_upstream_up"})
 _HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
@@ -161,10 +171,14 @@ def merge(directory: Path) -> str:
     return total.render() + WORKERS_GAUGE + f"tokenrelay_workers {alive}\n"
 
 
+def _write_file(data: bytes, directory: Path, name: str, pid: int) -> None:
+    tmp = directory / f".{name}.{pid}.tmp"
+    tmp.write_bytes(data)
+    os.replace(tmp, directory / name)  # (atomic: a reader never sees half a file)
+
+
 def _write(text: str, directory: Path, pid: int) -> None:
-    tmp = directory / f".{pid}.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, directory / f"{pid}{SUFFIX}")  # (atomic: a reader never sees half a file)
+    _write_file(text.encode(), directory, f"{pid}{SUFFIX}", pid)
 
 
 class Exporter:
@@ -179,6 +193,7 @@ class Exporter:
         self._lock = threading.Lock()  # (the loop's scrape and the periodic export write from executor threads)
         self._taken = 0
         self._written = 0
+        self.ui_part: Callable[[float], dict[str, Any]] | None = None  # (the live page's part: `Hub.part`)
 
     def _take(self) -> tuple[int, str]:
         self._taken += 1
@@ -205,15 +220,40 @@ class Exporter:
         seq, text = self._take()
         return await asyncio.get_running_loop().run_in_executor(None, self._scrape, seq, text)
 
+    def _write_ui(self, part: bytes) -> None:
+        _write_file(part, self.directory, f"{self.pid}{UI_SUFFIX}", self.pid)
+
     async def run(self) -> None:
         """Exports every EXPORT_EVERY_S until cancelled."""
         loop = asyncio.get_running_loop()
         while True:
             try:
                 await loop.run_in_executor(None, self._write, *self._take())
+                if self.ui_part is not None:
+                    await loop.run_in_executor(None, self._write_ui, orjson.dumps(self.ui_part(time.time())))
             except OSError as exc:
                 log.warning("could not export this worker's metrics to %s: %s", self.directory, exc)
             await asyncio.sleep(EXPORT_EVERY_S)
+
+    def read_ui_parts(self) -> list[dict[str, Any]]:
+        """The other live workers' recent parts of the live page (blocking: run it off the loop)."""
+        parts = []
+        oldest = time.time() - UI_FRESH_S
+        try:
+            files = sorted(self.directory.glob(f"*{UI_SUFFIX}"))
+        except OSError:
+            return []
+        for path in files:
+            try:
+                pid = int(path.name[: -len(UI_SUFFIX)])
+                if pid == self.pid or not _alive(pid):
+                    continue
+                part = orjson.loads(path.read_bytes())
+            except (ValueError, OSError):  # (not ours; replaced or removed meanwhile)
+                continue
+            if isinstance(part, dict) and float(part.get("now", 0.0)) >= oldest:
+                parts.append(part)
+        return parts
 
     def last(self) -> None:
         """The final counts of a worker that stops, kept in the daemon's totals."""

@@ -101,6 +101,7 @@ class Hub:
         self._cost_task: asyncio.Task[None] | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
+        self.others: list[dict[str, Any]] = []  # the other workers' parts (`--workers N`), as last read
 
     # -- watchers ---------------------------------------------------------------------------------------------
 
@@ -134,6 +135,7 @@ class Hub:
         try:
             while self.clients > 0 and not self.closing:
                 await asyncio.sleep(TICK_S - (loop.time() % TICK_S))
+                await self.read_others()
                 self.publish()
         finally:
             self._ticker = None
@@ -167,7 +169,9 @@ class Hub:
 
     # -- the snapshot -----------------------------------------------------------------------------------------
 
-    def snapshot(self, now: float) -> dict[str, Any]:
+    def part(self, now: float) -> dict[str, Any]:
+        """This worker's share of the snapshot, in a form the parts of several workers add up from (and that
+        `workermetrics.Exporter` writes for the others once a second)."""
         relay = self.app[RELAY]
         live = relay.meter.live
         totals = relay.meter.meters.totals()
@@ -176,21 +180,12 @@ class Hub:
             return sum(int(str(totals.get(f"{kind}_{source}", 0))) for source in ("reported", "estimated"))
 
         ins, outs = live.tokens.series(SERIES_S + 1, now)
-        ins, outs = ins[:-1], outs[:-1]  # whole seconds only: the current one is still filling
-        last = 5  # the headline rate: the mean of the last 5 whole seconds
-        routes = []
-        all_ttfts: list[float] = []
+        routes = {}
         for name, route in relay.config.routes.items():
-            pool = relay.pools[name]
             deployments = []
-            for d, state in zip(route.deployments, pool.snapshot(), strict=True):
-                ordered = sorted(live.ttfts.get((name, d.name), ()))
-                all_ttfts.extend(ordered)
+            for d, state in zip(route.deployments, relay.pools[name].snapshot(), strict=True):
                 deployments.append(
                     {
-                        "name": d.name,
-                        "kind": d.kind,
-                        "model": d.model,
                         "state": state["state"],
                         "until_s": state.get("until_s"),
                         "outstanding": state["outstanding"],
@@ -198,6 +193,75 @@ class Hub:
                         "error_rate": state.get("error_rate"),
                         "tokens_per_s": state.get("ewma_tokens_per_s"),
                         "ewma_ttft_s": state.get("ewma_ttft_s"),
+                        "ttfts": list(live.ttfts.get((name, d.name), ())),
+                    }
+                )
+            routes[name] = deployments
+        return {
+            "now": now,
+            "in_flight": relay.in_flight,
+            "watchers": self.clients,
+            "totals": {
+                "requests": totals.get("requests", 0),
+                "successes": totals.get("successes", 0),
+                "errors": totals.get("errors", 0),
+                "input": total("input"),
+                "output": total("output"),
+                "cost_usd": totals.get("cost_usd", 0.0),
+            },
+            "in": ins,
+            "out": outs,
+            "routes": routes,
+            "recent": live.recent_requests(RECENT_SHOWN),
+            "seen": live.seq,
+        }
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        """What the page shows: this worker's part, with the other workers' latest (`--workers N`) added."""
+        return self.view([self.part(now), *self.others], now)
+
+    async def read_others(self) -> None:
+        """The other workers' latest parts (with `--workers N`), read off the loop."""
+        exporter = self.app[RELAY].exporter
+        if exporter is not None:
+            self.others = await asyncio.get_running_loop().run_in_executor(None, exporter.read_ui_parts)
+
+    def view(self, parts: list[dict[str, Any]], now: float) -> dict[str, Any]:
+        """The snapshot from the parts of one or more workers (the first is this one's)."""
+        relay = self.app[RELAY]
+        n = SERIES_S + 1
+        ins, outs = [0.0] * n, [0.0] * n
+        end = int(parts[0]["now"])
+        for p in parts:  # (a part written a second earlier ends a second earlier: aligned by the second)
+            shift = end - int(p["now"])
+            for merged, series in ((ins, p["in"]), (outs, p["out"])):
+                for i, v in enumerate(series):
+                    if 0 <= i - shift < n:
+                        merged[i - shift] += v
+        ins, outs = ins[:-1], outs[:-1]  # whole seconds only: the current one is still filling
+        last = 5  # the headline rate: the mean of the last 5 whole seconds
+        routes = []
+        all_ttfts: list[float] = []
+        for name, route in relay.config.routes.items():
+            deployments = []
+            for i, d in enumerate(route.deployments):
+                states = [p["routes"][name][i] for p in parts if len(p["routes"].get(name, ())) > i]
+                ordered = sorted(t for st in states for t in st["ttfts"])
+                all_ttfts.extend(ordered)
+                worst = max(states, key=lambda st: _SEVERITY.get(str(st["state"]), 0))
+                requests = sum(int(st["requests"] or 0) for st in states)
+                deployments.append(
+                    {
+                        "name": d.name,
+                        "kind": d.kind,
+                        "model": d.model,
+                        "state": worst["state"],
+                        "until_s": worst["until_s"],
+                        "outstanding": sum(int(st["outstanding"]) for st in states),
+                        "requests": requests if any(st["requests"] is not None for st in states) else None,
+                        "error_rate": _weighted(states, "error_rate"),
+                        "tokens_per_s": _weighted(states, "tokens_per_s"),
+                        "ewma_ttft_s": _weighted(states, "ewma_ttft_s"),
                         "ttft_p50_s": _quantile(ordered, 0.5),
                         "ttft_p99_s": _quantile(ordered, 0.99),
                         "ttft_samples": len(ordered),
@@ -214,28 +278,39 @@ class Hub:
         counts = [0] * (len(TTFT_BOUNDS_MS) + 1)
         for ttft in all_ttfts:
             counts[bisect.bisect_left(TTFT_BOUNDS_MS, ttft * 1000.0)] += 1
+        recent = [r for p in parts for r in p["recent"]]
+        if len(parts) > 1:  # newest first across workers; each row numbered by its end (per worker they collide)
+            recent.sort(key=lambda r: float(r["ts"]) + float(r["duration_s"]), reverse=True)
+            recent = [{**r, "seq": int((float(r["ts"]) + float(r["duration_s"])) * 1e6)} for r in recent]
+        totals = {k: sum(p["totals"][k] for p in parts) for k in parts[0]["totals"]}
         return {
             "now": now,
             "version": __version__,
             "uptime_s": round(time.monotonic() - self.app[STARTED], 1),
-            "watchers": self.clients,
-            "in_flight": relay.in_flight,
-            "totals": {
-                "requests": totals.get("requests", 0),
-                "successes": totals.get("successes", 0),
-                "errors": totals.get("errors", 0),
-                "input": total("input"),
-                "output": total("output"),
-                "cost_usd": totals.get("cost_usd", 0.0),
-            },
+            "workers": len(parts),
+            "watchers": sum(int(p["watchers"]) for p in parts),
+            "in_flight": sum(int(p["in_flight"]) for p in parts),
+            "totals": totals,
             "rate": {"in": sum(ins[-last:]) / last, "out": sum(outs[-last:]) / last},
             "series": {"step_s": 1, "in": [round(v, 2) for v in ins], "out": [round(v, 2) for v in outs]},
             "ttft_hist": {"bounds_ms": list(TTFT_BOUNDS_MS), "counts": counts},
             "routes": routes,
-            "recent": live.recent_requests(RECENT_SHOWN),
-            "seen": live.seq,
+            "recent": recent[:RECENT_SHOWN],
+            "seen": sum(int(p["seen"]) for p in parts),
             "cost_today": self.cost,
         }
+
+
+# A deployment's state across workers: the most severe one any worker sees.
+_SEVERITY = {"healthy": 0, "half_open": 1, "cooling_down": 2, "open": 3, "down": 4}
+
+
+def _weighted(states: list[dict[str, Any]], field: str) -> float | None:
+    """A per-worker rate or average across workers, weighted by each worker's requests (None where none has it)."""
+    known = [(float(st[field]), max(1, int(st["requests"] or 0))) for st in states if st[field] is not None]
+    if not known:
+        return None
+    return sum(v * w for v, w in known) / sum(w for _, w in known)
 
 
 UI_HUB: web.AppKey[Hub] = web.AppKey("ui_hub", Hub)
@@ -276,6 +351,7 @@ async def snapshot(request: web.Request) -> web.Response:
     """The snapshot once, with today's cost read now (for scripts and tests)."""
     hub = request.app[UI_HUB]
     await hub.refresh_cost(request.app[RELAY].db_path)
+    await hub.read_others()
     return web.json_response(body=orjson.dumps(hub.snapshot(time.time())))
 
 
