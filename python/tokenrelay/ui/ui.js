@@ -194,7 +194,8 @@
     $("k-req-n").textContent = t.errors ? num(t.errors) + " errors (" + pct(t.errors / t.requests) + ")" : "no errors";
     $("k-cost").textContent = c ? usd(c.cost_usd) : usd(t.cost_usd);
     $("k-cost-n").textContent = c ? num(c.requests) + " requests today" : "since start";
-    $("meta").textContent = "v" + snap.version + " · up " + secs(snap.uptime_s) + " · " + base;
+    const workers = snap.workers > 1 ? " · " + snap.workers + " workers" : "";
+    $("meta").textContent = "v" + snap.version + " · up " + secs(snap.uptime_s) + workers + " · " + base;
     emptyState(snap);
     rateChart($("c-rate"), snap.series);
     const b = snap.ttft_hist.bounds_ms;
