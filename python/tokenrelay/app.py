@@ -295,15 +295,21 @@ def _supervise(config: Config) -> int:
         probe_port(config.host, config.port)
     except OSError as exc:
         return _cannot_listen(config, exc)
-    metrics_dir = tempfile.mkdtemp(prefix="tokenrelay-metrics-")  # (each worker's /metrics exposition)
+    try:  # (each worker's /metrics exposition and /ui part, summed by whichever worker is asked)
+        metrics_dir = tempfile.mkdtemp(prefix="tokenrelay-metrics-")
+    except OSError as exc:
+        log.warning("no directory for the workers' metrics (%s): /metrics and /ui show one worker each", exc)
+        return _supervise_workers(config, None)
     try:
         return _supervise_workers(config, metrics_dir)
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
-def _supervise_workers(config: Config, metrics_dir: str) -> int:
-    env = {**os.environ, "TOKENRELAY_WORKER": "1", workermetrics.DIR_ENV: metrics_dir}
+def _supervise_workers(config: Config, metrics_dir: str | None) -> int:
+    env = {**os.environ, "TOKENRELAY_WORKER": "1"}
+    if metrics_dir is not None:
+        env[workermetrics.DIR_ENV] = metrics_dir
     args = [sys.executable, "-m", "tokenrelay", *sys.argv[1:]]
 
     def start(index: int) -> subprocess.Popen[bytes]:
