@@ -10,6 +10,7 @@ from tokenrelay import keys
 from tokenrelay.admission import Admission, Reservation
 from tokenrelay.auth import Gate
 from tokenrelay.metering import Metering
+from tokenrelay.sharedkeys import SharedKeyStates
 
 
 def per_call_us(fn: object, n: int = 200_000) -> float:
@@ -27,14 +28,19 @@ def main() -> None:
         gate.keys = {record.id: record}
         admission = Admission()
 
-        def admit_settle() -> None:
+        shared = Admission(SharedKeyStates(Path(tmp) / "keys.shm"))  # (what each of `--workers N` uses)
+
+        def admit_settle(admission: Admission) -> None:
             r = admission.admit(record, 0.001, 100)
             assert isinstance(r, Reservation)
             admission.settle(r, 0.001, 100)
 
         print(f"authenticate (valid key):     {per_call_us(lambda: gate.authenticate(secret)):.2f} us")
         print(f"authenticate (invalid key):   {per_call_us(lambda: gate.authenticate('sk-nope')):.2f} us")
-        print(f"admit + settle (all limits):  {per_call_us(admit_settle):.2f} us")
+        one = per_call_us(lambda: admit_settle(admission), 50_000)
+        print(f"admit + settle (all limits):  {one:.2f} us")
+        many = per_call_us(lambda: admit_settle(shared), 50_000)
+        print(f"  the same, shared table:     {many:.2f} us ({many / one:.1f}x; with --workers N)")
         print(f"keys_stamp (reload check):    {per_call_us(lambda: keys.keys_stamp(db), 2_000):.1f} us")
 
 

@@ -12,11 +12,16 @@ import collections
 import datetime as dt
 import math
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
 
 from tokenrelay.keys import ClientKey, period_end, period_start
+from tokenrelay.sharedkeys import SharedKeyStates
 
+T = TypeVar("T")
 WINDOW_S = 60.0
+QUANTUM_S = 0.5  # the time step of the windows kept in a shared table (`KeyState.quantum`)
 # Float sums of per-request costs drift by ~1e-17; a budget must admit a request that lands exactly on it.
 _EPS = 1e-9
 
@@ -47,6 +52,17 @@ class Reservation:
     settled: bool = False
 
 
+class Window(Protocol):
+    """The last minute's (time, count) entries, oldest first: a deque, or a ring in a shared slot."""
+
+    def __len__(self) -> int: ...
+    def __getitem__(self, i: int, /) -> tuple[float, int]: ...
+    def __setitem__(self, i: int, entry: tuple[float, int], /) -> None: ...
+    def __iter__(self) -> Iterator[tuple[float, int]]: ...
+    def popleft(self) -> tuple[float, int]: ...
+    def append(self, entry: tuple[float, int], /) -> None: ...
+
+
 @dataclass
 class KeyState:
     """One key's counters in this process: spend this period, reservations, the last minute's traffic."""
@@ -57,9 +73,24 @@ class KeyState:
     reserved_usd: float = 0.0
     reserved_tokens: int = 0
     in_flight: int = 0
-    window: collections.deque[tuple[float, int]] = field(default_factory=collections.deque)
+    window: Window = field(default_factory=lambda: collections.deque[tuple[float, int]]())  # (time, tokens)
     window_tokens: int = 0
-    admitted: collections.deque[float] = field(default_factory=collections.deque)
+    admitted: Window = field(default_factory=lambda: collections.deque[tuple[float, int]]())  # (time, requests)
+    admitted_count: int = 0
+    # With a shared table (several workers): entries are stamped with the end of their `quantum`-long step and
+    # merged into the previous entry of the same step, so a busy key's minute stays ~60/quantum entries (counts
+    # exact; an entry ages out up to a quantum late: stricter, never laxer). 0: exact times (one worker).
+    quantum: float = 0.0
+
+    def note(self, window: Window, now: float, n: int) -> None:
+        """Adds `n` (requests or tokens) at `now` to one of the windows."""
+        q = self.quantum
+        if q:
+            now = math.ceil(now / q) * q
+            if window and window[-1][0] == now:
+                window[-1] = (now, window[-1][1] + n)
+                return
+        window.append((now, n))
 
     def roll(self, now: float) -> None:
         """Starts a new budget period when one began, and forgets traffic older than the window."""
@@ -71,14 +102,16 @@ class KeyState:
         cutoff = now - WINDOW_S
         while self.window and self.window[0][0] <= cutoff:
             self.window_tokens -= self.window.popleft()[1]
-        while self.admitted and self.admitted[0] <= cutoff:
-            self.admitted.popleft()
+        while self.admitted and self.admitted[0][0] <= cutoff:
+            self.admitted_count -= self.admitted.popleft()[1]
 
 
 class Admission:
-    """Per-key limit state for one worker process."""
+    """Per-key limit state: this process's, or with `shared` (several workers) the daemon's, kept in
+    `sharedkeys` and decided on under its lock by the same code."""
 
-    def __init__(self) -> None:
+    def __init__(self, shared: SharedKeyStates | None = None) -> None:
+        self.shared = shared
         self.states: dict[str, KeyState] = {}
         # key id -> (period start, USD spent since) as last read from the ledger (all workers' flushed spend).
         self.ledger_spent: dict[str, tuple[float, float]] = {}
@@ -99,17 +132,41 @@ class Admission:
             st.spent_usd = max(st.spent_usd, seen[1])
 
     def sync_spent(self, spent: dict[str, tuple[float, float]]) -> None:
-        """Takes the ledger's view of each key's spend: other workers' requests count once flushed."""
+        """Takes the ledger's view of each key's spend: other workers' requests count once flushed (with a
+        shared table, the spend before this daemon started; it is applied as each key is next read)."""
         self.ledger_spent.update(spent)
         for st in self.states.values():
             self._apply_ledger(st)
 
+    def _decided(self, key: ClientKey, now: float, decide: Callable[[KeyState], T]) -> T:
+        """`decide` on the key's state: this process's, or the shared slot's, read and written back under its
+        lock (a key that finds no slot is counted here)."""
+        shared = self.shared
+        off = None if shared is None else shared.acquire(key.id)
+        if off is None:
+            return decide(self.state(key, now))
+        assert shared is not None
+        try:
+            st = KeyState(key, quantum=QUANTUM_S)
+            shared.load(off, st)
+            st.roll(now)
+            self._apply_ledger(st)
+            result = decide(st)
+            shared.store(off, st)
+            return result
+        finally:
+            shared.release(off)
+
     def admit(self, key: ClientKey, usd: float, tokens: int, now: float | None = None) -> Reservation | Denial:
         """Reserves `usd` and `tokens` for one request of `key`, or says which limit refuses it."""
-        now = time.time() if now is None else now
-        st = self.state(key, now)
-        if key.rpm is not None and len(st.admitted) >= key.rpm:
-            wait = st.admitted[0] + WINDOW_S - now
+        at = time.time() if now is None else now
+        if self.shared is None:
+            return self._admit(self.state(key, at), key, usd, tokens, at)
+        return self._decided(key, at, lambda st: self._admit(st, key, usd, tokens, at))
+
+    def _admit(self, st: KeyState, key: ClientKey, usd: float, tokens: int, now: float) -> Reservation | Denial:
+        if key.rpm is not None and st.admitted_count >= key.rpm:
+            wait = st.admitted[0][0] + WINDOW_S - now
             return Denial(
                 429,
                 f"client key {key.name!r} reached its limit of {key.rpm} requests per minute (rpm)",
@@ -164,7 +221,11 @@ class Admission:
         st.reserved_tokens += tokens
         st.in_flight += 1
         if key.rpm is not None:  # the windows are kept only for the limits a key has: memory ~ its rate
-            st.admitted.append(now)
+            if st.quantum:
+                st.note(st.admitted, now, 1)
+            else:
+                st.admitted.append((now, 1))
+            st.admitted_count += 1
         return Reservation(st, usd, tokens, st.period_start)
 
     @staticmethod
@@ -182,8 +243,14 @@ class Admission:
         if reservation.settled:
             return
         reservation.settled = True
-        now = time.time() if now is None else now
-        st = reservation.state
+        at = time.time() if now is None else now
+        if self.shared is None:
+            self._settle(reservation.state, reservation, usd, tokens, at)
+            return
+        self._decided(reservation.state.key, at, lambda st: self._settle(st, reservation, usd, tokens, at))
+
+    @staticmethod
+    def _settle(st: KeyState, reservation: Reservation, usd: float, tokens: int, now: float) -> None:
         st.in_flight -= 1
         st.reserved_tokens -= reservation.tokens
         st.reserved_usd = max(0.0, st.reserved_usd - reservation.usd) if st.in_flight else 0.0
@@ -191,7 +258,10 @@ class Admission:
         if reservation.period_start == st.period_start:
             st.spent_usd += usd
         if tokens > 0 and st.key.tpm is not None:
-            st.window.append((now, tokens))
+            if st.quantum:
+                st.note(st.window, now, tokens)
+            else:
+                st.window.append((now, tokens))
             st.window_tokens += tokens
 
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from aiohttp import web
 
-from tokenrelay import _core, keys
+from tokenrelay import _core, busypoll, keys, sharedkeys, workermetrics
 from tokenrelay.admission import Admission, Denial, Reservation
 from tokenrelay.budget import max_output_tokens, worst_case_cost
 from tokenrelay.config import Config, Deployment, Route
@@ -96,7 +96,9 @@ class Gate:
         self.admin_key = admin_key or None
         self.meter = meter
         self.keys: dict[str, keys.ClientKey] = {}
-        self.admission = Admission()
+        # (with several workers, one table of the keys' counters for all of them)
+        worker = int(os.environ.get(busypoll.WORKER_INDEX_ENV, "0") or 0)
+        self.admission = Admission(sharedkeys.open_shared(workermetrics.directory(), worker))
         self._stamp: tuple[int, float] = (0, 0.0)
         self._task: asyncio.Task[None] | None = None
         self._reloading = asyncio.Lock()

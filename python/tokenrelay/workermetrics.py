@@ -3,8 +3,9 @@
 Each worker counts what it serves (its Rust meters, its front end, its data plane), and a scrape reaches one
 worker (they share the port with SO_REUSEPORT). Alone, a worker's counters would be a fraction of the daemon's,
 and consecutive scrapes landing on different workers would read to Prometheus as counter resets. So each worker
-writes its exposition to a directory the supervisor made (`TOKENRELAY_METRICS_DIR`) once a second and when it
-stops; a scrape writes the serving worker's file afresh and sums all the files:
+writes its exposition to the directory the supervisor made for them (`TOKENRELAY_WORKERS_DIR`, which also holds
+the table of `sharedkeys`) once a second and when it stops; a scrape writes the serving worker's file afresh and
+sums all the files:
 - counters and histograms of every worker this daemon has run: a worker that died and was restarted keeps its
   last counts in the sum, so totals do not go back;
 - gauges of the workers alive now (summed; `tokenrelay_upstream_up`, 0 or 1, takes the largest).
@@ -33,7 +34,7 @@ import orjson
 
 log = logging.getLogger("tokenrelay")
 
-DIR_ENV = "TOKENRELAY_METRICS_DIR"
+DIR_ENV = "TOKENRELAY_WORKERS_DIR"  # (the directory the supervisor made for its workers)
 EXPORT_EVERY_S = 1.0
 SUFFIX = ".prom"
 UI_SUFFIX = ".ui.json"

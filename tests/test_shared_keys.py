@@ -1,0 +1,122 @@
+"""Client keys' limits with several workers: one table of counters for the whole daemon (`sharedkeys`), so N
+workers admit what one would, and a worker that dies does not leave its reservations behind."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+from tokenrelay import keys
+from tokenrelay.admission import Admission, Denial, Reservation
+from tokenrelay.sharedkeys import PAIRS, SharedKeyStates
+
+from tests.conftest import MockUpstream, free_port, route_config, start_daemon
+from tests.test_budget import ANSWER_USD, PRICED
+from tests.test_keys import ADMIN, create, http
+from tests.test_worker_metrics import _worker_pids
+
+NOW = 1_800_000_000.0
+
+
+def key(**limits: Any) -> keys.ClientKey:
+    return keys.ClientKey("0123456789ab", "k", "00", "00", **limits)
+
+
+def workers(tmp_path: Path, n: int = 2) -> list[Admission]:
+    """`n` workers' admissions over one table (as separate processes have; here in one, one after another)."""
+    return [Admission(SharedKeyStates(tmp_path / "keys.shm", worker=i)) for i in range(n)]
+
+
+def test_rpm_and_tpm_count_every_workers_requests(tmp_path: Path) -> None:
+    a, b = workers(tmp_path)
+    k = key(rpm=3, tpm=100)
+    assert isinstance(a.admit(k, 0, 10, NOW), Reservation)
+    assert isinstance(b.admit(k, 0, 10, NOW + 1), Reservation)
+    third = a.admit(k, 0, 10, NOW + 2)
+    assert isinstance(third, Reservation)
+    over = b.admit(k, 0, 0, NOW + 3)
+    assert isinstance(over, Denial) and over.code == "rpm_limit" and over.retry_after_s == pytest.approx(57)
+    assert isinstance(a.admit(k, 0, 0, NOW + 61), Reservation)  # the first one aged out, whoever admitted it
+    # tpm: 80 tokens settled by one worker leave 20 for the other.
+    b.settle(third, 0, 80, NOW + 61)
+    tpm = b.admit(k, 0, 30, NOW + 62)
+    assert isinstance(tpm, Denial) and tpm.code == "tpm_limit"
+
+
+def test_a_budget_is_reserved_and_spent_across_workers(tmp_path: Path) -> None:
+    a, b = workers(tmp_path)
+    k = key(budget_usd=1.0, period="day")
+    first = a.admit(k, 0.6, 0, NOW)
+    assert isinstance(first, Reservation)
+    held = b.admit(k, 0.6, 0, NOW)
+    assert isinstance(held, Denial) and held.code == "budget_reserved"
+    a.settle(first, 0.25, 0, NOW)
+    assert isinstance(b.admit(k, 0.75, 0, NOW), Reservation)  # exactly what is left, seen from the other worker
+    spent = a.admit(k, 0.01, 0, NOW)
+    assert isinstance(spent, Denial) and spent.code == "budget_reserved"
+
+
+def test_a_dead_workers_reservations_go_with_it(tmp_path: Path) -> None:
+    a, b = workers(tmp_path)
+    k = key(budget_usd=1.0, period="day")
+    assert isinstance(b.admit(k, 0.9, 0, NOW), Reservation)  # ...and worker 1 dies before it settles
+    assert isinstance(a.admit(k, 0.2, 0, NOW), Denial)
+    Admission(SharedKeyStates(tmp_path / "keys.shm", worker=1))  # its replacement starts
+    assert isinstance(a.admit(k, 0.2, 0, NOW), Reservation)
+
+
+def test_a_busy_keys_minute_is_merged_but_counted_exactly(tmp_path: Path) -> None:
+    a, b = workers(tmp_path)
+    n = 3 * PAIRS  # more requests in a minute than a slot has entries
+    k = key(rpm=n + 1, tpm=10 * n)
+    for i in range(n):
+        r = (a, b)[i % 2].admit(k, 0, 1, NOW + i * 0.01)
+        assert isinstance(r, Reservation)
+        (a, b)[i % 2].settle(r, 0, 1, NOW + i * 0.01)
+    assert isinstance(a.admit(k, 0, 0, NOW + 40), Reservation)  # request n + 1
+    over = b.admit(k, 0, 0, NOW + 40)
+    assert isinstance(over, Denial) and over.code == "rpm_limit"
+    # Merged entries age out at the later request's time: later than exact, never earlier.
+    assert 0 < over.retry_after_s <= 60 - 40 + 0.01 * (n - 1) and over.retry_after_s >= 20
+
+
+async def _call(d_url: str, secret: str) -> int:
+    async with openai.AsyncOpenAI(base_url=d_url, api_key=secret, max_retries=0) as c:  # (a connection each)
+        try:
+            await c.chat.completions.create(model="paid", messages=[{"role": "user", "content": "hi"}], max_tokens=24)
+        except openai.APIStatusError as exc:
+            return exc.status_code
+    return 200
+
+
+async def test_two_workers_admit_what_one_would(mock_factory: Callable[..., MockUpstream], tmp_path: Path) -> None:
+    up = mock_factory(tokens=24)
+    db = tmp_path / "keys.db"
+    rpm = create(db, "rpm", "--rpm", "10")
+    budget = create(db, "budget", "--budget-usd", str(10 * ANSWER_USD), "--period", "day")
+    config = route_config("paid", up, deployment_extra=PRICED)
+    d = start_daemon(
+        tmp_path,
+        config,
+        args=["--workers", "2", "--db", str(db)],
+        env={"TOKENRELAY_ADMIN_KEY": ADMIN},
+        listen=f"127.0.0.1:{free_port()}",
+    )
+    try:
+        assert len(_worker_pids(d)) == 2
+        statuses = await asyncio.gather(*(_call(d.base_url, rpm) for _ in range(30)))
+        assert statuses.count(200) == 10 and statuses.count(429) == 20, statuses
+        statuses = await asyncio.gather(*(_call(d.base_url, budget) for _ in range(40)))
+        assert statuses.count(200) == 10 and set(statuses) <= {200, 403, 429}, statuses
+        for _ in range(50):  # (the other worker's ledger writes land within a second)
+            status, body, _ = http("GET", f"{d.url}/usage?key_id={keys.key_id_of(budget)}", ADMIN)
+            if body["totals"]["cost_usd"] == pytest.approx(10 * ANSWER_USD):
+                break
+            await asyncio.sleep(0.1)
+        assert status == 200 and body["totals"]["cost_usd"] == pytest.approx(10 * ANSWER_USD)
+    finally:
+        assert d.stop() == 0
