@@ -4,6 +4,9 @@ workers admit what one would, and a worker that dies does not leave its reservat
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -120,3 +123,42 @@ async def test_two_workers_admit_what_one_would(mock_factory: Callable[..., Mock
         assert status == 200 and body["totals"]["cost_usd"] == pytest.approx(10 * ANSWER_USD)
     finally:
         assert d.stop() == 0
+
+
+_RACER = """
+import sys, time
+from pathlib import Path
+from tokenrelay import keys
+from tokenrelay.admission import Admission, Reservation
+from tokenrelay.sharedkeys import SharedKeyStates
+a = Admission(SharedKeyStates(Path(sys.argv[1]), worker=int(sys.argv[2])))
+k = keys.ClientKey("0123456789ab", "k", "00", "00", rpm=1500, budget_usd=1000.0, period="day")
+while time.time() < float(sys.argv[3]):
+    pass
+admitted = 0
+for _ in range(1000):
+    r = a.admit(k, 0.5, 0)
+    if isinstance(r, Reservation):
+        admitted += 1
+        a.settle(r, 0.25, 0)
+print(admitted)
+"""
+
+
+def test_two_processes_racing_for_one_key_admit_exactly_its_limit(tmp_path: Path) -> None:
+    # Two processes, 1000 admissions each at the same moment: exactly 1500 (rpm) get through, and the spend is
+    # exactly theirs (no lost update between the read and the write of a slot).
+    start = str(time.time() + 1.0)
+    path = str(tmp_path / "keys.shm")
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _RACER, path, str(i), start], stdout=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]
+    counts = [int(p.communicate(timeout=60)[0]) for p in procs]
+    assert sum(counts) == 1500 and min(counts) > 0, counts
+    a = Admission(SharedKeyStates(tmp_path / "keys.shm", worker=2))
+    k = key(rpm=1500, budget_usd=1000.0, period="day")
+    denied = a.admit(k, 0.0, 0)
+    assert isinstance(denied, Denial) and denied.code == "rpm_limit"
+    budget = key(budget_usd=1500 * 0.25 + 0.5, period="day")  # what they spent, plus one more reservation
+    assert isinstance(a.admit(budget, 0.5, 0), Reservation) and isinstance(a.admit(budget, 0.01, 0), Denial)
