@@ -20,7 +20,7 @@ from tokenrelay.sharedkeys import PAIRS, SharedKeyStates
 from tests.conftest import MockUpstream, free_port, route_config, start_daemon
 from tests.test_budget import ANSWER_USD, PRICED
 from tests.test_keys import ADMIN, create, http
-from tests.test_worker_metrics import _worker_pids
+from tests.test_worker_metrics import wait_workers
 
 NOW = 1_800_000_000.0
 
@@ -110,7 +110,7 @@ async def test_two_workers_admit_what_one_would(mock_factory: Callable[..., Mock
         listen=f"127.0.0.1:{free_port()}",
     )
     try:
-        assert len(_worker_pids(d)) == 2
+        wait_workers(d)
         statuses = await asyncio.gather(*(_call(d.base_url, rpm) for _ in range(30)))
         assert statuses.count(200) == 10 and statuses.count(429) == 20, statuses
         statuses = await asyncio.gather(*(_call(d.base_url, budget) for _ in range(40)))
@@ -162,3 +162,59 @@ def test_two_processes_racing_for_one_key_admit_exactly_its_limit(tmp_path: Path
     assert isinstance(denied, Denial) and denied.code == "rpm_limit"
     budget = key(budget_usd=1500 * 0.25 + 0.5, period="day")  # what they spent, plus one more reservation
     assert isinstance(a.admit(budget, 0.5, 0), Reservation) and isinstance(a.admit(budget, 0.01, 0), Denial)
+
+
+async def test_a_run_registered_through_one_worker_is_the_same_run_on_every_worker(
+    mock_factory: Callable[..., MockUpstream], tmp_path: Path
+) -> None:
+    up = mock_factory(tokens=24)
+    config = route_config("paid", up, deployment_extra=PRICED)
+    d = start_daemon(tmp_path, config, args=["--workers", "2"], listen=f"127.0.0.1:{free_port()}")
+    try:
+        wait_workers(d)
+        status, created, _ = http("POST", f"{d.url}/runs", body={"id": "evals-1", "budget_usd": 10 * ANSWER_USD})
+        assert status == 201 and created["budget"]["limit_usd"] == pytest.approx(10 * ANSWER_USD)
+        # (each request a new connection: whichever worker the kernel picks)
+        assert {http("GET", f"{d.url}/runs/evals-1")[0] for _ in range(10)} == {200}
+        assert {http("POST", f"{d.url}/runs", body={"id": "evals-1"})[0] for _ in range(6)} == {409}
+
+        async def one() -> int:
+            headers = {"X-Tokenrelay-Run": "evals-1"}
+            async with openai.AsyncOpenAI(
+                base_url=d.base_url, api_key="k", max_retries=0, default_headers=headers
+            ) as c:
+                try:
+                    await c.chat.completions.create(
+                        model="paid", messages=[{"role": "user", "content": "hi"}], max_tokens=24
+                    )
+                except openai.APIStatusError as exc:
+                    return exc.status_code
+            return 200
+
+        statuses = await asyncio.gather(*(one() for _ in range(40)))
+        assert statuses.count(200) == 10 and statuses.count(429) == 30, statuses  # the run's budget, exactly
+        assert {http("POST", f"{d.url}/runs/evals-1/end", body={"exit_code": 0})[0] for _ in range(4)} == {200}
+        for _ in range(10):
+            status, shown, _ = http("GET", f"{d.url}/runs/evals-1")
+            assert status == 200 and shown["run"]["ended"] is not None and shown["run"]["exit_code"] == 0
+            assert shown["run"]["budget"]["spent_usd"] == pytest.approx(10 * ANSWER_USD)
+            assert shown["run"]["budget"]["rejected"] == 30 and shown["run"]["budget"]["in_flight"] == 0
+    finally:
+        assert d.stop() == 0
+
+
+def test_a_run_budget_is_one_budget_for_every_worker(tmp_path: Path) -> None:
+    a, b = (SharedKeyStates(tmp_path / "keys.shm", worker=i) for i in range(2))
+    on_a, on_b = (t.budget("run:evals") for t in (a, b))
+    assert on_a is not None and on_b is not None
+    on_a.init(1.0, 0.0)
+    on_b.init(1.0, 0.25)  # (the ledger's spend, seen by the worker that found the run later: the larger counts)
+    first = on_a.reserve(0.5)
+    assert first is not None and on_b.reserve(0.5) is None  # 0.25 spent + 0.5 reserved + 0.5 > 1.0
+    on_a.settle(first, 0.125)
+    assert on_b.reserve(0.625) is not None  # exactly what is left
+    on_b.refuse()
+    s = on_a.snapshot()
+    assert s["spent_usd"] == 0.375 and s["reserved_usd"] == 0.625 and s["in_flight"] == 1 and s["rejected"] == 2
+    SharedKeyStates(tmp_path / "keys.shm", worker=1)  # worker 1 died holding 0.625; its replacement starts
+    assert on_a.snapshot()["reserved_usd"] == 0.0 and on_a.reserve(0.625) is not None

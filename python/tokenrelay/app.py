@@ -18,7 +18,7 @@ from dataclasses import replace
 
 from aiohttp import web
 
-from tokenrelay import auth, busypoll, plane, server, workermetrics
+from tokenrelay import auth, busypoll, plane, server, sharedkeys, workermetrics
 from tokenrelay._core import Meters, Spinner
 from tokenrelay.config import Config, with_builtin_routes
 from tokenrelay.h1client import Client
@@ -62,7 +62,9 @@ def build_app(config: Config) -> web.Application:
     for route in config.routes.values():
         for deployment in route.deployments:
             meter.price_sources[route.name, deployment.name] = deployment.base_url
-    gate = auth.Gate(ledger.path, os.environ.get(auth.ADMIN_ENV), meter, config.routes)
+    # With several workers: one table of client keys' and runs' limit counters for all of them (else None).
+    shared = sharedkeys.open_shared(workermetrics.directory(), int(os.environ.get(busypoll.WORKER_INDEX_ENV) or 0))
+    gate = auth.Gate(ledger.path, os.environ.get(auth.ADMIN_ENV), meter, config.routes, shared)
     app[auth.GATE] = gate
 
     async def start_relay(app: web.Application) -> None:
@@ -96,7 +98,7 @@ def build_app(config: Config) -> web.Application:
     usage.add_routes(app)
     ui.add_routes(app)  # the live meters page under /ui (auth covers /ui*)
     keys.add_routes(app)
-    run_handlers.add_routes(app, ledger.path)
+    run_handlers.add_routes(app, ledger.path, shared)
     app.add_subapp("/_mock", MockProvider().app())
     return app
 

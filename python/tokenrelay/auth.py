@@ -25,7 +25,7 @@ from typing import Any
 
 from aiohttp import web
 
-from tokenrelay import _core, busypoll, keys, sharedkeys, workermetrics
+from tokenrelay import _core, keys, sharedkeys
 from tokenrelay.admission import Admission, Denial, Reservation
 from tokenrelay.budget import max_output_tokens, worst_case_cost
 from tokenrelay.config import Config, Deployment, Route
@@ -90,15 +90,20 @@ def startup_problem(config: Config, env: dict[str, str] | None = None) -> str | 
 class Gate:
     """The daemon's view of the client keys (reloaded when they change) and their limits."""
 
-    def __init__(self, db: Path, admin_key: str | None, meter: Metering, routes: Mapping[str, Route]) -> None:
+    def __init__(
+        self,
+        db: Path,
+        admin_key: str | None,
+        meter: Metering,
+        routes: Mapping[str, Route],
+        shared: sharedkeys.SharedKeyStates | None = None,
+    ) -> None:
         self.db = db
         self.routes = routes
         self.admin_key = admin_key or None
         self.meter = meter
         self.keys: dict[str, keys.ClientKey] = {}
-        # (with several workers, one table of the keys' counters for all of them)
-        worker = int(os.environ.get(busypoll.WORKER_INDEX_ENV, "0") or 0)
-        self.admission = Admission(sharedkeys.open_shared(workermetrics.directory(), worker))
+        self.admission = Admission(shared)  # (with several workers, one table of the keys' counters for all)
         self._stamp: tuple[int, float] = (0, 0.0)
         self._task: asyncio.Task[None] | None = None
         self._reloading = asyncio.Lock()

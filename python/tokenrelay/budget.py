@@ -92,6 +92,11 @@ class Budget:
     def exhausted(self) -> bool:
         return self.spent_usd >= self.limit_usd
 
+    def refuse(self) -> None:
+        """Counts a request refused without a reservation (the budget was spent)."""
+        with self._lock:
+            self.rejected += 1
+
     def reserve(self, amount: float) -> Reservation | None:
         """Admits a request whose cost is at most `amount`, or returns None (nothing is reserved then)."""
         amount = max(0.0, float(amount))

@@ -5,6 +5,7 @@ the run budget: a request of a run with a budget reserves its worst-case cost be
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import re
 import sqlite3
@@ -21,6 +22,7 @@ from tokenrelay.budget import Budget, Reservation, max_output_tokens, worst_case
 from tokenrelay.config import Config, Route
 from tokenrelay.ledger import connect_readonly, open_db
 from tokenrelay.metering import Metering, Outcome
+from tokenrelay.sharedkeys import SharedBudget, SharedKeyStates
 
 log = logging.getLogger("tokenrelay.runs")
 
@@ -29,6 +31,7 @@ RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 # Local token counts (o200k) can be below a provider's own tokenizer (Claude's counts more): reserve a margin.
 INPUT_MARGIN = 1.25
 MAX_RUNS_IN_MEMORY = 10_000
+ABSENT_FOR_S = 1.0  # with several workers: how long an id found nowhere is not looked up again
 _BUDGET_KEY = "run_budget"  # Outcome.extra key holding (budget, reservation) until the request settles
 
 
@@ -44,7 +47,7 @@ class Run:
     started: float = field(default_factory=time.time)
     ended: float | None = None
     exit_code: int | None = None
-    budget: Budget | None = None
+    budget: Budget | SharedBudget | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -108,18 +111,77 @@ def _store(db: Path, run: Run) -> None:
 
 
 class RunRegistry:
-    """The runs this daemon knows, by id; budgets live here. Writes to the ledger happen in a thread."""
+    """The runs this daemon knows, by id; budgets live here. Writes to the ledger happen in a thread.
 
-    def __init__(self, db: Path) -> None:
+    With several workers (`shared`: their table, `sharedkeys`), a run registered through one worker is found by
+    the others in the ledger's `runs` table the first time they see its id (`lookup`), and its budget is one set
+    of counters in the table for all of them (`SharedBudget`)."""
+
+    def __init__(self, db: Path, shared: SharedKeyStates | None = None) -> None:
         self.db = db
+        self.shared = shared
         self.runs: dict[str, Run] = {}
+        self._absent: dict[str, float] = {}  # run id -> until when it is known not to be registered (monotonic)
 
     def get(self, run_id: str) -> Run | None:
         return self.runs.get(run_id)
 
+    def _budget(self, run_id: str, limit_usd: float, spent_usd: float) -> Budget | SharedBudget:
+        if self.shared is not None:
+            shared = self.shared.budget("run:" + hashlib.sha256(run_id.encode()).hexdigest()[:40])
+            if shared is not None:
+                return shared.init(limit_usd, spent_usd)
+        return Budget(limit_usd, spent_usd)
+
+    async def lookup(self, run_id: str) -> Run | None:
+        """`get`, and with several workers the ledger for a run another worker registered (read in a thread; an
+        id found in neither is not looked for again for ABSENT_FOR_S)."""
+        run = self.runs.get(run_id)
+        if run is not None or self.shared is None:
+            return run
+        now = time.monotonic()
+        if self._absent.get(run_id, 0.0) > now:
+            return None
+        found = await asyncio.to_thread(self._load_one, run_id)
+        if found is None:
+            if len(self._absent) > MAX_RUNS_IN_MEMORY:
+                self._absent.clear()
+            self._absent[run_id] = now + ABSENT_FOR_S
+            return None
+        return self.runs.setdefault(run_id, found)
+
+    def _load_row(self, run_id: str) -> Run | None:
+        if not self.db.exists():
+            return None
+        conn = connect_readonly(self.db)
+        try:
+            row = conn.execute(f"SELECT {_COLUMNS} FROM runs WHERE id = ?", (run_id,)).fetchone()
+        except sqlite3.OperationalError:
+            return None
+        finally:
+            conn.close()
+        return None if row is None else _row_to_run(row)
+
+    def _load_one(self, run_id: str) -> Run | None:
+        """The run from the ledger (in a thread), its budget attached."""
+        run = self._load_row(run_id)
+        if run is None:
+            return None
+        if run.budget_usd is not None:
+            spent = ledger_query.query_usage(self.db, run=run.id)["totals"]["cost_usd"] or 0.0
+            run.budget = self._budget(run.id, run.budget_usd, spent)
+        return run
+
+    def refresh(self, run: Run) -> None:
+        """Its end as the ledger has it (in a thread): with several workers, another may have ended it."""
+        stored = self._load_row(run.id)
+        if stored is not None and stored.ended is not None:
+            run.ended, run.exit_code = stored.ended, stored.exit_code
+
     async def create(self, run: Run) -> None:
         if run.budget_usd is not None:
-            run.budget = Budget(run.budget_usd)
+            run.budget = self._budget(run.id, run.budget_usd, 0.0)
+        self._absent.pop(run.id, None)
         self.runs[run.id] = run
         if len(self.runs) > MAX_RUNS_IN_MEMORY:  # forget the oldest ended runs (they stay in the ledger)
             ended = sorted((r for r in self.runs.values() if r.ended is not None), key=lambda r: r.started)
@@ -141,7 +203,7 @@ class RunRegistry:
             if run.ended is not None or run.budget_usd is None or run.id in self.runs:
                 continue
             spent = ledger_query.query_usage(self.db, run=run.id)["totals"]["cost_usd"] or 0.0
-            run.budget = Budget(run.budget_usd, spent)
+            run.budget = self._budget(run.id, run.budget_usd, spent)
             self.runs[run.id] = run
 
 
@@ -153,12 +215,16 @@ async def admit(
 ) -> str | None:
     """Reserves the request's worst case against its run's budget. Returns why it is refused, or None."""
     registry = app.get(RUNS)
-    run = registry.get(outcome.run) if registry is not None and outcome.run else None
+    if registry is None or not outcome.run:
+        return None
+    run = registry.get(outcome.run)
+    if run is None and registry.shared is not None:  # (registered through another worker?)
+        run = await registry.lookup(outcome.run)
     if run is None or run.budget is None:
         return None
     budget = run.budget
     if budget.exhausted:  # no need to count tokens to refuse
-        budget.rejected += 1
+        budget.refuse()
         return _refusal(run, budget, None)
     counted = await asyncio.to_thread(estimate_input_tokens, api, raw, outcome.requested_model)
     worst, _ = worst_case_cost(  # an unknown price counts 0: the run is still stopped by what is known
@@ -171,7 +237,7 @@ async def admit(
     return None
 
 
-def _refusal(run: Run, budget: Budget, worst: float | None) -> str:
+def _refusal(run: Run, budget: Budget | SharedBudget, worst: float | None) -> str:
     s = budget.snapshot()
     if worst is None:
         return (
@@ -188,7 +254,7 @@ def _refusal(run: Run, budget: Budget, worst: float | None) -> str:
 
 def settle(meter: Metering, outcome: Outcome) -> None:
     """Settles the request's budget reservation, if it made one. Never raises."""
-    held: tuple[Budget, Reservation] | None = outcome.extra.pop(_BUDGET_KEY, None)
+    held: tuple[Budget | SharedBudget, Reservation] | None = outcome.extra.pop(_BUDGET_KEY, None)
     if held is None:
         return
     budget, token = held

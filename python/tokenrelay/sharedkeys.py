@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from tokenrelay.admission import KeyState
 
+from tokenrelay.budget import Reservation
+
 log = logging.getLogger("tokenrelay")
 
 FILE = "keys.shm"
@@ -36,13 +38,16 @@ SLOTS = 1024
 SLOT_SIZE = 8 * 1024
 PAIRS = 128  # entries of each window: (time f64, count i64)
 MAX_WORKERS = 32
-# key id, period start, USD spent, window tokens, admitted requests (then the two windows, as `Ring`s)
-_HEAD = struct.Struct("<64sddqq")
+# key id, period start, USD spent, window tokens, admitted requests; then for a run's budget (`SharedBudget`): its
+# limit, requests refused, requests settled with an unknown cost. (Then what each worker holds, then the windows.)
+_KEYHEAD = struct.Struct("<64sddqq")
+_RUNTAIL = struct.Struct("<dqq")
+_HEAD_SIZE = _KEYHEAD.size + _RUNTAIL.size
 # What each worker holds reserved, by its index (`busypoll.WORKER_INDEX_ENV`): USD, tokens, requests in flight. A
 # worker that died never settles its requests; the one that takes its index starts by forgetting them.
 _HELD = struct.Struct(f"<{MAX_WORKERS}d{MAX_WORKERS}q{MAX_WORKERS}q")
 _F64, _I64 = struct.Struct("<d"), struct.Struct("<q")
-_WINDOWS = _HEAD.size + _HELD.size
+_WINDOWS = _HEAD_SIZE + _HELD.size
 assert _WINDOWS + 2 * (8 + 16 * PAIRS) <= SLOT_SIZE
 MAX_KEY_ID = 64
 # The file: the index (each slot's key id, so that finding a key or a used slot reads a few pages, not every
@@ -136,10 +141,10 @@ class SharedKeyStates:
             off = _SLOTS_AT + s * SLOT_SIZE
             fcntl.lockf(self._fd, fcntl.LOCK_EX, SLOT_SIZE, off, os.SEEK_SET)
             try:
-                held = list(_HELD.unpack_from(self._map, off + _HEAD.size))
+                held = list(_HELD.unpack_from(self._map, off + _HEAD_SIZE))
                 held[w] = 0.0
                 held[MAX_WORKERS + w] = held[2 * MAX_WORKERS + w] = 0
-                _HELD.pack_into(self._map, off + _HEAD.size, *held)
+                _HELD.pack_into(self._map, off + _HEAD_SIZE, *held)
             finally:
                 fcntl.lockf(self._fd, fcntl.LOCK_UN, SLOT_SIZE, off, os.SEEK_SET)
 
@@ -192,36 +197,156 @@ class SharedKeyStates:
         """The slot's counters into `st` (a fresh `KeyState` of the key), reservations summed over the workers.
         Call with the slot locked, and `store` before unlocking."""
         m = self._map
-        _, st.period_start, st.spent_usd, st.window_tokens, st.admitted_count = _HEAD.unpack_from(m, off)
-        at = off + _HEAD.size
-        usd, tokens, flights = array("d"), array("q"), array("q")
-        for a in (usd, tokens, flights):
-            a.frombytes(m[at : at + 8 * MAX_WORKERS])
-            at += 8 * MAX_WORKERS
-        st.reserved_usd = max(0.0, sum(usd))
-        st.reserved_tokens = sum(tokens)
-        st.in_flight = sum(flights)
-        self._held[off] = (usd[self.worker], tokens[self.worker], flights[self.worker])
-        self._totals[off] = (st.reserved_usd, st.reserved_tokens, st.in_flight)
+        _, st.period_start, st.spent_usd, st.window_tokens, st.admitted_count = _KEYHEAD.unpack_from(m, off)
+        st.reserved_usd, st.reserved_tokens, st.in_flight = self._load_held(off)
         st.window = Ring(m, off + _WINDOWS)
         st.admitted = Ring(m, off + _WINDOWS + _RING_SIZE)
 
     def store(self, off: int, st: KeyState) -> None:
         """`st`, changed since `load`, back into the slot: what it reserved or released counts as this worker's."""
         m = self._map
-        _HEAD.pack_into(m, off, st.key.id.encode(), st.period_start, st.spent_usd, st.window_tokens, st.admitted_count)
+        _KEYHEAD.pack_into(
+            m, off, st.key.id.encode(), st.period_start, st.spent_usd, st.window_tokens, st.admitted_count
+        )
+        self._store_held(off, st.reserved_usd, st.reserved_tokens, st.in_flight)
+
+    def _load_held(self, off: int) -> tuple[float, int, int]:
+        """The reservations (USD, tokens, requests) of all workers, summed; this worker's part is kept to diff."""
+        m = self._map
+        at = off + _HEAD_SIZE
+        usd, tokens, flights = array("d"), array("q"), array("q")
+        for a in (usd, tokens, flights):
+            a.frombytes(m[at : at + 8 * MAX_WORKERS])
+            at += 8 * MAX_WORKERS
+        totals = (max(0.0, sum(usd)), sum(tokens), sum(flights))
+        self._held[off] = (usd[self.worker], tokens[self.worker], flights[self.worker])
+        self._totals[off] = totals
+        return totals
+
+    def _store_held(self, off: int, reserved_usd: float, reserved_tokens: int, in_flight: int) -> None:
+        """New totals (from `_load_held`'s): the difference is this worker's."""
         own_usd, own_tokens, own_flights = self._held[off]
         usd, tokens, flights = self._totals[off]
-        own_flights += st.in_flight - flights
+        own_flights += in_flight - flights
         if own_flights <= 0:  # (nothing of this worker's in flight: no float dust left behind)
             own_usd, own_tokens = 0.0, 0
         else:
-            own_usd += st.reserved_usd - usd
-            own_tokens += st.reserved_tokens - tokens
-        at = off + _HEAD.size + 8 * self.worker
-        _F64.pack_into(m, at, own_usd)
-        _I64.pack_into(m, at + 8 * MAX_WORKERS, own_tokens)
-        _I64.pack_into(m, at + 16 * MAX_WORKERS, own_flights)
+            own_usd += reserved_usd - usd
+            own_tokens += reserved_tokens - tokens
+        at = off + _HEAD_SIZE + 8 * self.worker
+        _F64.pack_into(self._map, at, own_usd)
+        _I64.pack_into(self._map, at + 8 * MAX_WORKERS, own_tokens)
+        _I64.pack_into(self._map, at + 16 * MAX_WORKERS, own_flights)
+
+    def budget(self, name: str) -> SharedBudget | None:
+        """A run's budget in this table (None: no slot left for it)."""
+        return SharedBudget(self, name) if self._slot(name) is not None else None
+
+
+class SharedBudget:
+    """`budget.Budget` for a run of a daemon with several workers: the same reserve-then-settle, on counters in a
+    slot of the workers' table, under its lock. A run is known by `run:<sha256 of its id>` there."""
+
+    def __init__(self, table: SharedKeyStates, name: str) -> None:
+        self.table, self.name = table, name
+
+    def _read(self, off: int) -> tuple[float, float, int, int, float, int, int]:
+        """limit, spent, rejected, unpriced, reserved, in flight (and tokens, unused): the slot locked."""
+        m = self.table._map
+        spent = float(_KEYHEAD.unpack_from(m, off)[2])
+        limit, rejected, unpriced = _RUNTAIL.unpack_from(m, off + _KEYHEAD.size)
+        reserved, _tokens, in_flight = self.table._load_held(off)
+        return float(limit), spent, int(rejected), int(unpriced), reserved, int(in_flight), int(_tokens)
+
+    def _write(self, off: int, spent: float, rejected: int, unpriced: int) -> None:
+        m = self.table._map
+        period, tokens, admitted = 0.0, 0, 0
+        _KEYHEAD.pack_into(m, off, self.name.encode(), period, spent, tokens, admitted)
+        _RUNTAIL.pack_into(m, off + _KEYHEAD.size, self.limit_usd, rejected, unpriced)
+
+    def _locked(self) -> int:
+        off = self.table.acquire(self.name)
+        assert off is not None  # (the slot was found when this budget was made)
+        return off
+
+    def init(self, limit_usd: float, spent_usd: float) -> SharedBudget:
+        """Sets the limit, and the spend so far as the larger of the table's and `spent_usd` (the ledger's)."""
+        if not limit_usd >= 0:
+            raise ValueError(f"a budget must be a number >= 0, got {limit_usd!r}")
+        self.limit_usd = float(limit_usd)
+        off = self._locked()
+        try:
+            _, spent, rejected, unpriced, *_ = self._read(off)
+            self._write(off, max(spent, float(spent_usd)), rejected, unpriced)
+        finally:
+            self.table.release(off)
+        return self
+
+    limit_usd: float = 0.0
+
+    @property
+    def spent_usd(self) -> float:
+        return float(self.snapshot()["spent_usd"])
+
+    @property
+    def exhausted(self) -> bool:
+        return self.spent_usd >= self.limit_usd
+
+    def refuse(self) -> None:
+        """Counts a request refused without a reservation (the budget was spent)."""
+        off = self._locked()
+        try:
+            _, spent, rejected, unpriced, *_ = self._read(off)
+            self._write(off, spent, rejected + 1, unpriced)
+        finally:
+            self.table.release(off)
+
+    def reserve(self, amount: float) -> Reservation | None:
+        amount = max(0.0, float(amount))
+        off = self._locked()
+        try:
+            limit, spent, rejected, unpriced, reserved, in_flight, tokens = self._read(off)
+            if spent >= limit or spent + reserved + amount > limit:
+                self._write(off, spent, rejected + 1, unpriced)
+                self.table._store_held(off, reserved, tokens, in_flight)
+                return None
+            self._write(off, spent, rejected, unpriced)
+            self.table._store_held(off, reserved + amount, tokens, in_flight + 1)
+            return Reservation(amount)
+        finally:
+            self.table.release(off)
+
+    def settle(self, token: Reservation, actual: float | None) -> None:
+        if token.settled:
+            return
+        token.settled = True
+        off = self._locked()
+        try:
+            _, spent, rejected, unpriced, reserved, in_flight, tokens = self._read(off)
+            if actual is None:
+                unpriced += 1
+            else:
+                spent += max(0.0, float(actual))
+            self._write(off, spent, rejected, unpriced)
+            self.table._store_held(off, max(0.0, reserved - token.amount), tokens, in_flight - 1)
+        finally:
+            self.table.release(off)
+
+    def snapshot(self) -> dict[str, float | int]:
+        off = self._locked()
+        try:
+            limit, spent, rejected, unpriced, reserved, in_flight, _ = self._read(off)
+        finally:
+            self.table.release(off)
+        return {
+            "limit_usd": limit,
+            "spent_usd": spent,
+            "reserved_usd": reserved,
+            "remaining_usd": max(0.0, limit - spent - reserved),
+            "in_flight": in_flight,
+            "rejected": rejected,
+            "unpriced": unpriced,
+        }
 
 
 def open_shared(directory: Path | None, worker: int) -> SharedKeyStates | None:

@@ -14,6 +14,7 @@ from aiohttp import web
 from tokenrelay import ledger_query
 from tokenrelay.errors import error_response
 from tokenrelay.runs import RUN_ID, RUNS, Run, RunRegistry, load_runs
+from tokenrelay.sharedkeys import SharedKeyStates
 from tokenrelay.state import RELAY
 
 
@@ -33,7 +34,7 @@ async def create_run(request: web.Request) -> web.Response:
     run_id = body.get("id")
     if not isinstance(run_id, str) or not RUN_ID.match(run_id):
         return error_response(400, "id must be 1-128 characters of letters, digits, '.', '_' or '-'")
-    if registry.get(run_id) is not None:
+    if await registry.lookup(run_id) is not None:
         return error_response(409, f"run {run_id!r} already exists")
     budget = body.get("budget_usd")
     if budget is not None and (
@@ -56,7 +57,7 @@ async def create_run(request: web.Request) -> web.Response:
 
 async def end_run(request: web.Request) -> web.Response:
     registry = request.app[RUNS]
-    run = registry.get(request.match_info["run"])
+    run = await registry.lookup(request.match_info["run"])
     if run is None:
         return error_response(404, f"no run {request.match_info['run']!r} in this daemon")
     body = await _json_body(request) or {}
@@ -85,7 +86,9 @@ async def show_run(request: web.Request) -> web.Response:
     usage = await relay.run_in_ledger(
         ledger_query.query_usage, relay.db_path, None, None, ["route", "deployment"], run_id
     )
-    run = registry.get(run_id)
+    run = await registry.lookup(run_id)
+    if run is not None and registry.shared is not None:  # (another worker may have ended it: the ledger says)
+        await relay.run_in_ledger(registry.refresh, run)
     if run is None and usage["totals"]["requests"] == 0:
         return error_response(404, f"no run {run_id!r}: not registered here and nothing metered under it")
     return web.json_response({"run": run.to_dict() if run is not None else {"id": run_id}, "usage": usage})
@@ -96,7 +99,14 @@ def runs_with_totals(db: Path, since: float | None, registry: RunRegistry | None
     metered only through the `X-Tokenrelay-Run` header appear too, with no registration details."""
     registered = {r.id: r for r in load_runs(db, since)}
     if registry is not None:
-        registered.update({k: v for k, v in registry.runs.items() if since is None or v.started >= since})
+        for k, v in registry.runs.items():
+            if since is not None and v.started < since:
+                continue
+            stored = registered.get(k)
+            if stored is not None and registry.shared is not None:  # (ended maybe by another worker)
+                stored.budget = v.budget
+            else:
+                registered[k] = v
     usage = ledger_query.query_usage(db, since=since, group_by=["run"])
     totals = {row["run"]: row for row in usage["rows"] if row["run"]}
     out: list[dict[str, Any]] = []
@@ -108,8 +118,8 @@ def runs_with_totals(db: Path, since: float | None, registry: RunRegistry | None
     return out
 
 
-def add_routes(app: web.Application, db: Path) -> None:
-    registry = app[RUNS] = RunRegistry(db)
+def add_routes(app: web.Application, db: Path, shared: SharedKeyStates | None = None) -> None:
+    registry = app[RUNS] = RunRegistry(db, shared)
 
     async def restore(_app: web.Application) -> None:
         import asyncio
