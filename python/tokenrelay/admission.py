@@ -149,11 +149,12 @@ class Admission:
         try:
             st = KeyState(key, quantum=QUANTUM_S)
             shared.load(off, st)
-            st.roll(now)
-            self._apply_ledger(st)
-            result = decide(st)
-            shared.store(off, st)
-            return result
+            try:
+                st.roll(now)
+                self._apply_ledger(st)
+                return decide(st)
+            finally:  # (the windows are changed in place: the counters must follow them whatever happened)
+                shared.store(off, st)
         finally:
             shared.release(off)
 

@@ -10,7 +10,8 @@ A slot holds the counters and the last minute's traffic as (time, count) pairs, 
 `admission.QUANTUM_S` (~120 entries a minute however busy the key: counts exact, an entry ages out up to a step
 late, stricter and never laxer), each window a ring in the slot that the policy works on in place (`Ring`).
 Should a ring fill up (a clock that jumped), its two oldest entries become one at the later one's time. A key
-that finds no free slot (more than `SLOTS` keys with limits) is counted by its worker alone, with a warning.
+that finds no free slot (more than `SLOTS` keys with limits and runs with budgets since the daemon started) is
+counted by its worker alone, with a warning.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from tokenrelay.budget import Reservation
 log = logging.getLogger("tokenrelay")
 
 FILE = "keys.shm"
-SLOTS = 1024
+SLOTS = 8192  # keys with limits and runs with budgets, over the daemon's life (slots are not reused)
 SLOT_SIZE = 8 * 1024
 PAIRS = 128  # entries of each window: (time f64, count i64)
 MAX_WORKERS = 32
@@ -175,7 +176,7 @@ class SharedKeyStates:
             fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, _TABLE_LOCK, os.SEEK_SET)
         if not self._full_warned:
             self._full_warned = True
-            log.warning("more than %d client keys with limits: the others are counted per worker", SLOTS)
+            log.warning("more than %d client keys and runs with limits: the others are counted per worker", SLOTS)
         return None
 
     def acquire(self, key_id: str) -> int | None:
