@@ -243,5 +243,9 @@ async def test_the_live_page_of_two_workers_shows_them_both(
         ends = [r["ts"] + r["duration_s"] for r in snap["recent"]]
         assert len(ends) == 30 and ends == sorted(ends, reverse=True)  # newest first across both workers
         assert len({r["seq"] for r in snap["recent"]}) == 30
+        for _ in range(10):  # /admin/routes, from whichever worker: the deployment as both see it
+            (shown,) = next(r for r in d.get("/admin/routes")["routes"] if r["route"] == "r")["deployments"]
+            assert shown["requests"] == 40 and shown["outstanding"] == 0 and shown["state"] == "healthy"
+            assert len(shown["by_worker"]) == 2 and sum(w["requests"] for w in shown["by_worker"]) == 40
     finally:
         assert d.stop() == 0

@@ -17,6 +17,7 @@ import bisect
 import datetime as dt
 import hashlib
 import logging
+import os
 import time
 from importlib import resources
 from typing import Any
@@ -199,6 +200,7 @@ class Hub:
             routes[name] = deployments
         return {
             "now": now,
+            "pid": os.getpid(),
             "in_flight": relay.in_flight,
             "watchers": self.clients,
             "totals": {
@@ -248,20 +250,12 @@ class Hub:
                 states = [p["routes"][name][i] for p in parts if len(p["routes"].get(name, ())) > i]
                 ordered = sorted(t for st in states for t in st["ttfts"])
                 all_ttfts.extend(ordered)
-                worst = max(states, key=lambda st: _SEVERITY.get(str(st["state"]), 0))
-                requests = sum(int(st["requests"] or 0) for st in states)
                 deployments.append(
                     {
                         "name": d.name,
                         "kind": d.kind,
                         "model": d.model,
-                        "state": worst["state"],
-                        "until_s": worst["until_s"],
-                        "outstanding": sum(int(st["outstanding"]) for st in states),
-                        "requests": requests if any(st["requests"] is not None for st in states) else None,
-                        "error_rate": _weighted(states, "error_rate"),
-                        "tokens_per_s": _weighted(states, "tokens_per_s"),
-                        "ewma_ttft_s": _weighted(states, "ewma_ttft_s"),
+                        **merge_states(states),
                         "ttft_p50_s": _quantile(ordered, 0.5),
                         "ttft_p99_s": _quantile(ordered, 0.99),
                         "ttft_samples": len(ordered),
@@ -303,6 +297,22 @@ class Hub:
 
 # A deployment's state across workers: the most severe one any worker sees.
 _SEVERITY = {"healthy": 0, "half_open": 1, "cooling_down": 2, "open": 3, "down": 4}
+
+
+def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
+    """One deployment as several workers see it (`Hub.part`'s entries): the most severe state and its end, the
+    outstanding requests and the breaker's window summed, rates and averages weighted by requests."""
+    worst = max(states, key=lambda st: _SEVERITY.get(str(st["state"]), 0))
+    requests = sum(int(st["requests"] or 0) for st in states)
+    return {
+        "state": worst["state"],
+        "until_s": worst["until_s"],
+        "outstanding": sum(int(st["outstanding"]) for st in states),
+        "requests": requests if any(st["requests"] is not None for st in states) else None,
+        "error_rate": _weighted(states, "error_rate"),
+        "tokens_per_s": _weighted(states, "tokens_per_s"),
+        "ewma_ttft_s": _weighted(states, "ewma_ttft_s"),
+    }
 
 
 def _weighted(states: list[dict[str, Any]], field: str) -> float | None:
