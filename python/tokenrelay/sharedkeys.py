@@ -23,14 +23,16 @@ import os
 import struct
 import zlib
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
     from tokenrelay.admission import KeyState
 
-from tokenrelay.budget import Reservation
+from tokenrelay.budget import Budget, Reservation
+
+T = TypeVar("T")
 
 log = logging.getLogger("tokenrelay")
 
@@ -245,45 +247,44 @@ class SharedKeyStates:
 
 
 class SharedBudget:
-    """`budget.Budget` for a run of a daemon with several workers: the same reserve-then-settle, on counters in a
-    slot of the workers' table, under its lock. A run is known by `run:<sha256 of its id>` there."""
+    """`budget.Budget` for a run of a daemon with several workers: its counters live in a slot of the workers'
+    table, and each call runs `Budget`'s own reserve-then-settle on them with the slot locked. A run is known by
+    `run:<sha256 of its id>` there."""
 
     def __init__(self, table: SharedKeyStates, name: str) -> None:
         self.table, self.name = table, name
+        self.limit_usd = 0.0
 
-    def _read(self, off: int) -> tuple[float, float, int, int, float, int, int]:
-        """limit, spent, rejected, unpriced, reserved, in flight (and tokens, unused): the slot locked."""
-        m = self.table._map
-        spent = float(_KEYHEAD.unpack_from(m, off)[2])
-        limit, rejected, unpriced = _RUNTAIL.unpack_from(m, off + _KEYHEAD.size)
-        reserved, _tokens, in_flight = self.table._load_held(off)
-        return float(limit), spent, int(rejected), int(unpriced), reserved, int(in_flight), int(_tokens)
-
-    def _write(self, off: int, spent: float, rejected: int, unpriced: int) -> None:
-        m = self.table._map
-        period, tokens, admitted = 0.0, 0, 0
-        _KEYHEAD.pack_into(m, off, self.name.encode(), period, spent, tokens, admitted)
-        _RUNTAIL.pack_into(m, off + _KEYHEAD.size, self.limit_usd, rejected, unpriced)
-
-    def _locked(self) -> int:
-        off = self.table.acquire(self.name)
+    def _apply(self, change: Callable[[Budget], T]) -> T:
+        """`change` on a `Budget` holding the slot's counters (all workers' reservations summed), then the
+        counters written back: the difference in reservations counts as this worker's."""
+        table, m = self.table, self.table._map
+        off = table.acquire(self.name)
         assert off is not None  # (the slot was found when this budget was made)
-        return off
+        try:
+            spent = float(_KEYHEAD.unpack_from(m, off)[2])
+            limit, rejected, unpriced = _RUNTAIL.unpack_from(m, off + _KEYHEAD.size)
+            reserved, tokens, in_flight = table._load_held(off)
+            b = Budget(limit, spent)
+            b.reserved_usd, b.in_flight, b.rejected, b.unpriced = reserved, in_flight, rejected, unpriced
+            result = change(b)
+            _KEYHEAD.pack_into(m, off, self.name.encode(), 0.0, b.spent_usd, 0, 0)
+            _RUNTAIL.pack_into(m, off + _KEYHEAD.size, b.limit_usd, b.rejected, b.unpriced)
+            table._store_held(off, b.reserved_usd, tokens, b.in_flight)
+            return result
+        finally:
+            table.release(off)
 
     def init(self, limit_usd: float, spent_usd: float) -> SharedBudget:
         """Sets the limit, and the spend so far as the larger of the table's and `spent_usd` (the ledger's)."""
-        if not limit_usd >= 0:
-            raise ValueError(f"a budget must be a number >= 0, got {limit_usd!r}")
+        Budget(limit_usd)  # (the same check of the limit)
         self.limit_usd = float(limit_usd)
-        off = self._locked()
-        try:
-            _, spent, rejected, unpriced, *_ = self._read(off)
-            self._write(off, max(spent, float(spent_usd)), rejected, unpriced)
-        finally:
-            self.table.release(off)
-        return self
 
-    limit_usd: float = 0.0
+        def start(b: Budget) -> None:
+            b.limit_usd, b.spent_usd = self.limit_usd, max(b.spent_usd, float(spent_usd))
+
+        self._apply(start)
+        return self
 
     @property
     def spent_usd(self) -> float:
@@ -294,60 +295,17 @@ class SharedBudget:
         return self.spent_usd >= self.limit_usd
 
     def refuse(self) -> None:
-        """Counts a request refused without a reservation (the budget was spent)."""
-        off = self._locked()
-        try:
-            _, spent, rejected, unpriced, *_ = self._read(off)
-            self._write(off, spent, rejected + 1, unpriced)
-        finally:
-            self.table.release(off)
+        self._apply(Budget.refuse)
 
     def reserve(self, amount: float) -> Reservation | None:
-        amount = max(0.0, float(amount))
-        off = self._locked()
-        try:
-            limit, spent, rejected, unpriced, reserved, in_flight, tokens = self._read(off)
-            if spent >= limit or spent + reserved + amount > limit:
-                self._write(off, spent, rejected + 1, unpriced)
-                self.table._store_held(off, reserved, tokens, in_flight)
-                return None
-            self._write(off, spent, rejected, unpriced)
-            self.table._store_held(off, reserved + amount, tokens, in_flight + 1)
-            return Reservation(amount)
-        finally:
-            self.table.release(off)
+        return self._apply(lambda b: b.reserve(amount))
 
     def settle(self, token: Reservation, actual: float | None) -> None:
-        if token.settled:
-            return
-        token.settled = True
-        off = self._locked()
-        try:
-            _, spent, rejected, unpriced, reserved, in_flight, tokens = self._read(off)
-            if actual is None:
-                unpriced += 1
-            else:
-                spent += max(0.0, float(actual))
-            self._write(off, spent, rejected, unpriced)
-            self.table._store_held(off, max(0.0, reserved - token.amount), tokens, in_flight - 1)
-        finally:
-            self.table.release(off)
+        if not token.settled:  # (`Budget.settle` marks it settled; a second call must not take the lock)
+            self._apply(lambda b: b.settle(token, actual))
 
     def snapshot(self) -> dict[str, float | int]:
-        off = self._locked()
-        try:
-            limit, spent, rejected, unpriced, reserved, in_flight, _ = self._read(off)
-        finally:
-            self.table.release(off)
-        return {
-            "limit_usd": limit,
-            "spent_usd": spent,
-            "reserved_usd": reserved,
-            "remaining_usd": max(0.0, limit - spent - reserved),
-            "in_flight": in_flight,
-            "rejected": rejected,
-            "unpriced": unpriced,
-        }
+        return self._apply(Budget.snapshot)
 
 
 def open_shared(directory: Path | None, worker: int) -> SharedKeyStates | None:
