@@ -297,21 +297,23 @@ def _supervise(config: Config) -> int:
         probe_port(config.host, config.port)
     except OSError as exc:
         return _cannot_listen(config, exc)
-    try:  # (each worker's /metrics exposition and /ui part, summed by whichever worker is asked)
-        metrics_dir = tempfile.mkdtemp(prefix="tokenrelay-metrics-")
+    # What the workers share besides the port and the ledger: their /metrics and /ui parts (`workermetrics`),
+    # and the table of client keys' and runs' limit counters (`sharedkeys`).
+    try:
+        shared_dir = tempfile.mkdtemp(prefix="tokenrelay-workers-")
     except OSError as exc:
-        log.warning("no directory for the workers' metrics (%s): /metrics and /ui show one worker each", exc)
+        log.warning("no directory for the workers to share (%s): meters and limits are per worker", exc)
         return _supervise_workers(config, None)
     try:
-        return _supervise_workers(config, metrics_dir)
+        return _supervise_workers(config, shared_dir)
     finally:
-        shutil.rmtree(metrics_dir, ignore_errors=True)
+        shutil.rmtree(shared_dir, ignore_errors=True)
 
 
-def _supervise_workers(config: Config, metrics_dir: str | None) -> int:
+def _supervise_workers(config: Config, shared_dir: str | None) -> int:
     env = {**os.environ, "TOKENRELAY_WORKER": "1"}
-    if metrics_dir is not None:
-        env[workermetrics.DIR_ENV] = metrics_dir
+    if shared_dir is not None:
+        env[workermetrics.DIR_ENV] = shared_dir
     args = [sys.executable, "-m", "tokenrelay", *sys.argv[1:]]
 
     def start(index: int) -> subprocess.Popen[bytes]:
