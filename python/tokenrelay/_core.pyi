@@ -1,5 +1,6 @@
 """Type stubs for the Rust extension `tokenrelay._core` (one section per module)."""
 
+import os
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar, Literal, Self, final
 
@@ -243,10 +244,17 @@ class Pool:
     `pool.release(idx, outcome, ...)` (in a `finally`). If `idx` is `Pool.BUSY`, every eligible deployment
     is at a limit (queue and retry); if `Pool.UNAVAILABLE`, none may be used. `pool.retry_after(tried)` then
     says how long to wait (None: nothing comes back on its own).
+
+    With `shared=PATH` the state lives in that file, shared with every pool built on it with the same
+    deployments and settings (the daemon's other workers), as worker `worker`: limits, breaker, cooldowns and
+    averages are then the daemon's, and `snapshot()` reports this worker's own requests (in flight, counted).
+    What an earlier pool of the same worker index held there is dropped. Another configuration's file raises
+    ValueError.
     """
 
     BUSY: ClassVar[int]  # -1
     UNAVAILABLE: ClassVar[int]  # -2
+    MAX_WORKERS: ClassVar[int]  # 32: rows a shared pool keeps, by worker index
     def __new__(
         cls,
         deployments: list[dict[str, object]],
@@ -258,9 +266,13 @@ class Pool:
         breaker_min_requests: int = 10,
         cooldown_s: float = 10.0,
         max_cooldown_s: float = 120.0,
+        shared: str | os.PathLike[str] | None = None,
+        worker: int = 0,
     ) -> Self: ...
     @property
     def strategy(self) -> str: ...
+    @property
+    def shared(self) -> bool: ...
     def pick(self, exclude: Iterable[int] | None = None) -> int: ...
     def retry_after(self, exclude: Iterable[int] | None = None) -> float | None: ...
     def first_token(self, idx: int, ttft_s: float) -> None: ...

@@ -8,17 +8,23 @@
 //! monotonic clock) so tests can drive it.
 
 mod deployment;
+mod region;
 mod select;
 mod window;
 
 #[cfg(test)]
+mod shared_tests;
+#[cfg(test)]
 mod tests;
 
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Mutex;
 
-use deployment::{Circuit, Deployment, Refusal};
+use deployment::{Circuit, Deployment, Inner, Refusal};
 pub use deployment::{CONCURRENCY_RETRY_S, EWMA_ALPHA, PROBE_RETRY_S};
+use region::Region;
+pub use region::{monotonic_ns, MAX_WORKERS};
 use select::random_below;
 pub use select::{IndexSet, MAX_DEPLOYMENTS};
 
@@ -267,6 +273,9 @@ pub enum BalanceError {
     /// A number that must be finite and non-negative was not.
     #[error("{0} must be a finite number >= 0")]
     InvalidValue(&'static str),
+    /// The workers' shared state could not be opened, or was built for another configuration.
+    #[error("shared pool state: {0}")]
+    Shared(String),
 }
 
 impl BalanceError {
@@ -279,8 +288,14 @@ impl BalanceError {
 }
 
 /// A route's deployments and the state that balances requests across them. `Sync`: share it freely.
+///
+/// The state lives in this process ([`Pool::new`]) or in a file the workers of one daemon share
+/// ([`Pool::shared`]): then limits, breaker, cooldowns and averages are the daemon's, while each worker's
+/// snapshot reports its own requests (in flight and counted), so that summing the workers' snapshots gives the
+/// daemon's. Round-robin and weighted turns stay each process's own.
 #[derive(Debug)]
 pub struct Pool {
+    /// (Declared before `region`, so dropped before the states they point into.)
     deployments: Box<[Deployment]>,
     strategy: Strategy,
     breaker: BreakerConfig,
@@ -289,6 +304,7 @@ pub struct Pool {
     swrr: Mutex<Box<[i64]>>,
     /// Deployment sets by ascending tier number.
     tiers: Box<[IndexSet]>,
+    region: Region,
 }
 
 impl Pool {
@@ -298,6 +314,36 @@ impl Pool {
         strategy: Strategy,
         breaker: BreakerConfig,
     ) -> Result<Pool, BalanceError> {
+        Self::validate(&specs, &breaker)?;
+        let region = Region::private(specs.len(), |_| Inner::new(&breaker))
+            .map_err(|e| BalanceError::Shared(e.to_string()))?;
+        Ok(Self::build(specs, strategy, breaker, region))
+    }
+
+    /// Builds a pool whose state is in the file at `path`, shared with every other pool (in any process)
+    /// built on that file with the same configuration, as worker `worker` (taken modulo [`MAX_WORKERS`]): the
+    /// first builds the file, the others attach. What an earlier pool of the same worker index held there
+    /// (requests in flight, a circuit probe) is dropped. A file built for another configuration is an error.
+    pub fn shared(
+        specs: Vec<DeploymentSpec>,
+        strategy: Strategy,
+        breaker: BreakerConfig,
+        path: &Path,
+        worker: usize,
+    ) -> Result<Pool, BalanceError> {
+        Self::validate(&specs, &breaker)?;
+        let print = fingerprint(&specs, strategy, &breaker);
+        let region = Region::shared(path, specs.len(), print, worker, |_| Inner::new(&breaker))
+            .map_err(|e| BalanceError::Shared(format!("{}: {e}", path.display())))?;
+        let pool = Self::build(specs, strategy, breaker, region);
+        let now = pool.now_at(monotonic_ns());
+        for d in pool.deployments.iter() {
+            d.forget_worker(now);
+        }
+        Ok(pool)
+    }
+
+    fn validate(specs: &[DeploymentSpec], breaker: &BreakerConfig) -> Result<(), BalanceError> {
         breaker.validate()?;
         if specs.is_empty() {
             return Err(BalanceError::config(
@@ -338,6 +384,31 @@ impl Pool {
                 return Err(BalanceError::config(field("tpm"), "must be >= 1"));
             }
         }
+        Ok(())
+    }
+
+    /// Whether the state is shared with other processes ([`Pool::shared`]).
+    pub fn is_shared(&self) -> bool {
+        self.region.is_shared()
+    }
+
+    /// This pool's time (the `now` its methods take) at `monotonic_ns` (CLOCK_MONOTONIC, ns): seconds since the
+    /// pool's epoch, which every worker of a shared pool has in common.
+    pub fn now_at(&self, monotonic_ns: u64) -> f64 {
+        monotonic_ns.saturating_sub(self.region.epoch_ns()) as f64 / 1e9
+    }
+
+    /// This process's worker index (0 unless shared).
+    pub fn worker(&self) -> usize {
+        self.region.worker()
+    }
+
+    fn build(
+        specs: Vec<DeploymentSpec>,
+        strategy: Strategy,
+        breaker: BreakerConfig,
+        region: Region,
+    ) -> Pool {
         let mut tier_numbers: Vec<u32> = specs.iter().map(|s| s.tier).collect();
         tier_numbers.sort_unstable();
         tier_numbers.dedup();
@@ -353,17 +424,21 @@ impl Pool {
             })
             .collect();
         let n = specs.len();
-        Ok(Pool {
-            deployments: specs
-                .into_iter()
-                .map(|s| Deployment::new(s, &breaker))
-                .collect(),
+        let worker = region.worker();
+        let deployments = specs
+            .into_iter()
+            .zip(region.states())
+            .map(|(s, state)| Deployment::new(s, state, worker))
+            .collect();
+        Pool {
+            deployments,
             strategy,
             breaker,
             round_robin: AtomicUsize::new(0),
             swrr: Mutex::new(vec![0; n].into_boxed_slice()),
             tiers,
-        })
+            region,
+        }
     }
 
     /// Number of deployments.
@@ -620,7 +695,7 @@ fn snapshot_one(d: &Deployment, now: f64) -> DeploymentSnapshot {
         spec: d.spec.clone(),
         state,
         until_s: (until - now).max(0.0),
-        outstanding: d.outstanding.load(Relaxed),
+        outstanding: inner.part(d.worker()).outstanding,
         ewma_ttft_s: some(d.ewma_ttft.load()),
         ewma_tokens_per_s: some(d.ewma_tps.load()),
         error_rate: if finished == 0 {
@@ -628,9 +703,9 @@ fn snapshot_one(d: &Deployment, now: f64) -> DeploymentSnapshot {
         } else {
             outcomes[deployment::ERRORS] as f64 / finished as f64
         },
-        requests: inner.requests,
-        failures: inner.failures,
-        rate_limited: inner.rate_limited,
+        requests: inner.part(d.worker()).requests,
+        failures: inner.part(d.worker()).failures,
+        rate_limited: inner.part(d.worker()).rate_limited,
         rpm_used: usage[deployment::REQS],
         tpm_used: usage[deployment::TOKENS],
     }
@@ -667,4 +742,29 @@ impl Scan {
             }
         }
     }
+}
+
+/// What must match for two pools to share one file: the strategy, the breaker and every deployment's spec.
+fn fingerprint(specs: &[DeploymentSpec], strategy: Strategy, breaker: &BreakerConfig) -> u64 {
+    let mut h = region::fnv1a(strategy.name().bytes(), region::FNV_START);
+    let b = breaker;
+    for v in [b.error_rate, b.window_s, b.cooldown_s, b.max_cooldown_s] {
+        h = region::fnv1a(v.to_bits().to_le_bytes(), h);
+    }
+    for v in [b.failures, b.min_requests] {
+        h = region::fnv1a(v.to_le_bytes(), h);
+    }
+    for s in specs {
+        h = region::fnv1a(s.name.bytes().chain([0]), h);
+        for v in [
+            u64::from(s.weight),
+            u64::from(s.tier),
+            s.max_concurrent.map_or(u64::MAX, u64::from),
+            s.rpm.map_or(u64::MAX, u64::from),
+            s.tpm.unwrap_or(u64::MAX),
+        ] {
+            h = region::fnv1a(v.to_le_bytes(), h);
+        }
+    }
+    h
 }

@@ -28,16 +28,7 @@ use rustc_hash::FxHashMap;
 
 use crate::events::{Framed, StreamMeter};
 
-/// The time on the clock `time.monotonic_ns()` reads (CLOCK_MONOTONIC), in ns.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid timespec to write; CLOCK_MONOTONIC always exists on Linux.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
-}
+pub use crate::balance::monotonic_ns;
 
 /// A stream's meter with its upstream framing: what Python's `StreamMeter` holds, shared with the data plane.
 #[derive(Debug)]

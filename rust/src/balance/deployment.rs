@@ -1,9 +1,11 @@
 //! One deployment's balancing state: the authoritative copy behind a mutex held for nanoseconds, and the few
 //! figures `pick()` scans published in atomics so the scan takes no lock.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
-use std::sync::{Mutex, MutexGuard};
+use std::ops::Deref;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
+use super::region::{Guard, State, MAX_WORKERS};
 use super::window::Window;
 use super::{BreakerConfig, DeploymentSpec, Outcome};
 
@@ -41,6 +43,7 @@ impl AtomicF64 {
 
 /// The circuit breaker's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
 pub(crate) enum Circuit {
     /// Requests flow.
     Closed,
@@ -50,7 +53,19 @@ pub(crate) enum Circuit {
     Probing,
 }
 
-#[derive(Debug)]
+/// What one worker (by index) holds and has counted on a deployment.
+#[derive(Debug, Clone, Copy, Default)]
+#[repr(C)]
+pub(crate) struct Part {
+    pub(crate) outstanding: u32,
+    pub(crate) requests: u64,
+    pub(crate) failures: u64,
+    pub(crate) rate_limited: u64,
+}
+
+/// The locked state: plain data of a fixed size (it may live in memory the workers share, `region.rs`).
+#[derive(Debug, Clone, Copy)]
+#[repr(C)]
 pub(crate) struct Inner {
     pub(crate) circuit: Circuit,
     pub(crate) open_until: f64,
@@ -59,15 +74,41 @@ pub(crate) struct Inner {
     pub(crate) cooldown_until: f64,
     pub(crate) down: bool,
     consecutive_failures: u32,
-    /// Columns: requests, tokens (per second over the last minute).
-    usage: Window,
-    /// Columns: finished requests, failures, failures + rate limited (over the breaker window).
-    outcomes: Window,
-    pub(crate) requests: u64,
-    pub(crate) failures: u64,
-    pub(crate) rate_limited: u64,
-    /// Mirrors `Deployment::outstanding`, which may only change under this lock.
+    /// 1 + the index of the worker whose probe is in flight (0: none), so that a restarted worker's lost
+    /// probe does not hold the circuit half-open for ever.
+    probe_by: u32,
+    /// Every worker's requests in flight; mirrored in `State::outstanding`, which may only change under the
+    /// lock.
     outstanding: u32,
+    /// Columns: requests, tokens (per second over the last minute).
+    usage: Window<60>,
+    /// Columns: finished requests, failures, failures + rate limited (over the breaker window).
+    outcomes: Window<OUTCOME_BUCKETS>,
+    /// Each worker's own part, by worker index.
+    parts: [Part; MAX_WORKERS],
+}
+
+impl Inner {
+    pub(crate) fn new(breaker: &BreakerConfig) -> Inner {
+        Inner {
+            circuit: Circuit::Closed,
+            open_until: f64::NEG_INFINITY,
+            backoff_s: breaker.cooldown_s,
+            cooldown_until: f64::NEG_INFINITY,
+            down: false,
+            consecutive_failures: 0,
+            probe_by: 0,
+            outstanding: 0,
+            usage: Window::new(1.0),
+            outcomes: Window::new(breaker.window_s / OUTCOME_BUCKETS as f64),
+            parts: [Part::default(); MAX_WORKERS],
+        }
+    }
+
+    /// Worker `worker`'s part.
+    pub(crate) fn part(&self, worker: usize) -> &Part {
+        &self.parts[worker % MAX_WORKERS]
+    }
 }
 
 /// Why a deployment refused a reservation it looked eligible for in the lock-free scan.
@@ -79,19 +120,25 @@ pub(crate) enum Refusal {
     Unavailable(f64),
 }
 
-/// A deployment: its configuration, published figures and locked state.
+/// A deployment: its configuration, and its state in the pool's region (as this process's worker).
 #[derive(Debug)]
 pub(crate) struct Deployment {
     pub(crate) spec: DeploymentSpec,
-    pub(crate) outstanding: AtomicU32,
-    /// Unavailable before this time (cooldown, open circuit, probe in flight; infinite while down).
-    pub(crate) avail_at: AtomicF64,
-    /// Full on rpm/tpm before this time.
-    pub(crate) busy_until: AtomicF64,
-    /// Moving averages; NaN until the first sample.
-    pub(crate) ewma_ttft: AtomicF64,
-    pub(crate) ewma_tps: AtomicF64,
-    inner: Mutex<Inner>,
+    state: NonNull<State>,
+    worker: usize,
+}
+
+// SAFETY: `State` is `Sync`; the pointer is valid for as long as the pool that owns both (see `Pool`).
+unsafe impl Send for Deployment {}
+// SAFETY: as above.
+unsafe impl Sync for Deployment {}
+
+impl Deref for Deployment {
+    type Target = State;
+    fn deref(&self) -> &State {
+        // SAFETY: the pool drops its deployments before the region that holds their states.
+        unsafe { self.state.as_ref() }
+    }
 }
 
 fn ewma(old: f64, sample: f64) -> f64 {
@@ -103,36 +150,28 @@ fn ewma(old: f64, sample: f64) -> f64 {
 }
 
 impl Deployment {
-    pub(crate) fn new(spec: DeploymentSpec, breaker: &BreakerConfig) -> Deployment {
+    pub(crate) fn new(spec: DeploymentSpec, state: &State, worker: usize) -> Deployment {
         Deployment {
             spec,
-            outstanding: AtomicU32::new(0),
-            avail_at: AtomicF64::new(f64::NEG_INFINITY),
-            busy_until: AtomicF64::new(f64::NEG_INFINITY),
-            ewma_ttft: AtomicF64::new(f64::NAN),
-            ewma_tps: AtomicF64::new(f64::NAN),
-            inner: Mutex::new(Inner {
-                circuit: Circuit::Closed,
-                open_until: f64::NEG_INFINITY,
-                backoff_s: breaker.cooldown_s,
-                cooldown_until: f64::NEG_INFINITY,
-                down: false,
-                consecutive_failures: 0,
-                usage: Window::new(1.0, 60),
-                outcomes: Window::new(breaker.window_s / OUTCOME_BUCKETS as f64, OUTCOME_BUCKETS),
-                requests: 0,
-                failures: 0,
-                rate_limited: 0,
-                outstanding: 0,
-            }),
+            state: NonNull::from(state),
+            worker: worker % MAX_WORKERS,
         }
     }
 
-    pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
-        // Nothing panics while the lock is held; should it ever, the state is still consistent enough to use.
-        self.inner
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    /// Drops what an earlier worker of this index held (its requests in flight, its probe) and restarts its
+    /// counts: that worker is gone, and its requests with it.
+    pub(crate) fn forget_worker(&self, now: f64) {
+        let mut inner = self.lock();
+        let w = self.worker;
+        let held = inner.parts[w].outstanding;
+        inner.outstanding = inner.outstanding.saturating_sub(held);
+        self.outstanding.store(inner.outstanding, Relaxed);
+        inner.parts[w] = Part::default();
+        if inner.circuit == Circuit::Probing && inner.probe_by == w as u32 + 1 {
+            inner.circuit = Circuit::Open; // no verdict: the next request probes again
+            inner.probe_by = 0;
+        }
+        self.publish(&inner, now);
     }
 
     /// Lock-free pre-check for the scan: `Ok` if it looks pickable, else why not.
@@ -189,10 +228,13 @@ impl Deployment {
         }
         if inner.circuit == Circuit::Open {
             inner.circuit = Circuit::Probing;
+            inner.probe_by = self.worker as u32 + 1;
         }
         inner.outstanding += 1;
         self.outstanding.store(inner.outstanding, Relaxed);
-        inner.requests += 1;
+        let part = &mut inner.parts[self.worker];
+        part.outstanding += 1;
+        part.requests += 1;
         inner.usage.add(now, [1, 0, 0]);
         self.publish(&inner, now);
         Ok(())
@@ -242,13 +284,18 @@ impl Deployment {
         now: f64,
     ) -> Result<(), ()> {
         let mut inner = self.lock();
-        if inner.outstanding == 0 {
+        let w = self.worker;
+        if inner.parts[w].outstanding == 0 {
             return Err(());
         }
-        inner.outstanding -= 1;
+        inner.parts[w].outstanding -= 1;
+        inner.outstanding = inner.outstanding.saturating_sub(1);
         self.outstanding.store(inner.outstanding, Relaxed);
         inner.usage.add(now, [0, total_tokens, 0]);
         let probing = inner.circuit == Circuit::Probing;
+        if probing {
+            inner.probe_by = 0;
+        }
         match outcome {
             Outcome::Success => {
                 inner.outcomes.add(now, [1, 0, 0]);
@@ -265,7 +312,7 @@ impl Deployment {
             }
             Outcome::Failure => {
                 inner.outcomes.add(now, [1, 1, 1]);
-                inner.failures += 1;
+                inner.parts[w].failures += 1;
                 inner.consecutive_failures = inner.consecutive_failures.saturating_add(1);
                 if probing {
                     inner.backoff_s = (inner.backoff_s * 2.0).min(breaker.max_cooldown_s);
@@ -280,7 +327,7 @@ impl Deployment {
             Outcome::RateLimited | Outcome::Cancelled => {
                 if outcome == Outcome::RateLimited {
                     inner.outcomes.add(now, [1, 0, 1]);
-                    inner.rate_limited += 1;
+                    inner.parts[w].rate_limited += 1;
                 }
                 // No verdict on the probe: let the next request probe again.
                 if probing {
@@ -299,6 +346,11 @@ impl Deployment {
         let [finished, failed, _] = inner.outcomes.sums();
         finished >= u64::from(breaker.min_requests)
             && failed as f64 > breaker.error_rate * finished as f64
+    }
+
+    /// This process's worker index (its row in each state).
+    pub(crate) fn worker(&self) -> usize {
+        self.worker
     }
 
     pub(crate) fn first_token(&self, ttft_s: f64) {
@@ -324,7 +376,7 @@ impl Deployment {
     }
 
     /// Advances the windows to `now` and returns the locked state for a snapshot.
-    pub(crate) fn observe(&self, now: f64) -> (MutexGuard<'_, Inner>, [u64; 3], [u64; 3]) {
+    pub(crate) fn observe(&self, now: f64) -> (Guard<'_>, [u64; 3], [u64; 3]) {
         let mut inner = self.lock();
         inner.usage.advance(now);
         inner.outcomes.advance(now);

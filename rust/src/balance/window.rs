@@ -4,20 +4,21 @@
 /// Number of counters kept per bucket.
 pub(crate) const COLS: usize = 3;
 
-/// Counters over the last `len * width` seconds, to the resolution of one bucket.
-#[derive(Debug)]
-pub(crate) struct Window {
+/// Counters over the last `N * width` seconds, to the resolution of one bucket. Plain data of a fixed size, so
+/// that it can live in memory shared by worker processes (`region.rs`).
+#[derive(Debug, Clone, Copy)]
+#[repr(C)]
+pub(crate) struct Window<const N: usize> {
     width: f64,
-    buckets: Box<[[u64; COLS]]>,
+    buckets: [[u64; COLS]; N],
     /// Absolute number (`floor(now / width)`) of the newest bucket.
     head: i64,
     sums: [u64; COLS],
 }
 
-impl Window {
-    /// A window of `len` buckets of `width` seconds each.
-    pub(crate) fn new(width: f64, len: usize) -> Window {
-        let len = len.max(1);
+impl<const N: usize> Window<N> {
+    /// A window of `N` buckets of `width` seconds each.
+    pub(crate) fn new(width: f64) -> Self {
         let width = if width.is_finite() && width > 0.0 {
             width
         } else {
@@ -25,7 +26,7 @@ impl Window {
         };
         Window {
             width,
-            buckets: vec![[0; COLS]; len].into_boxed_slice(),
+            buckets: [[0; COLS]; N],
             head: i64::MIN,
             sums: [0; COLS],
         }
@@ -117,7 +118,7 @@ mod tests {
 
     #[test]
     fn counts_slide_out_after_the_window() {
-        let mut w = Window::new(1.0, 60);
+        let mut w = Window::<60>::new(1.0);
         w.add(0.5, [1, 100, 0]);
         w.add(30.2, [2, 10, 0]);
         assert_eq!(w.sums(), [3, 110, 0]);
@@ -131,7 +132,7 @@ mod tests {
 
     #[test]
     fn time_until_below_finds_the_expiring_bucket() {
-        let mut w = Window::new(1.0, 60);
+        let mut w = Window::<60>::new(1.0);
         w.add(10.0, [2, 0, 0]);
         w.add(20.5, [3, 0, 0]);
         assert_eq!(w.time_until_below(25.0, 0, 6), 0.0);
@@ -143,7 +144,7 @@ mod tests {
 
     #[test]
     fn earlier_time_counts_into_newest_bucket() {
-        let mut w = Window::new(1.0, 10);
+        let mut w = Window::<10>::new(1.0);
         w.add(5.0, [1, 0, 0]);
         w.add(4.0, [1, 0, 0]);
         assert_eq!(w.sums()[0], 2);

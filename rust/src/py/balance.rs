@@ -1,13 +1,15 @@
-//! `Pool`: the Python face of `crate::balance`. Time comes from a monotonic clock started with the pool.
+//! `Pool`: the Python face of `crate::balance`. Time is CLOCK_MONOTONIC from the pool's epoch (which the
+//! workers sharing a pool's state have in common).
 
-use std::time::Instant;
+use std::path::PathBuf;
 
 use pyo3::exceptions::{PyIndexError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyList, PyString};
 
 use crate::balance::{
-    BalanceError, BreakerConfig, DeploymentSpec, IndexSet, Outcome, Pick, Pool, Strategy,
+    monotonic_ns, BalanceError, BreakerConfig, DeploymentSpec, IndexSet, Outcome, Pick, Pool,
+    Strategy, MAX_WORKERS,
 };
 
 /// What `pick()` returns when every eligible deployment is at a limit.
@@ -26,12 +28,11 @@ fn to_py_err(err: BalanceError) -> PyErr {
 #[pyclass(frozen, name = "Pool", module = "tokenrelay._core")]
 pub(crate) struct PyPool {
     core: Pool,
-    epoch: Instant,
 }
 
 impl PyPool {
     fn now(&self) -> f64 {
-        self.epoch.elapsed().as_secs_f64()
+        self.core.now_at(monotonic_ns())
     }
 }
 
@@ -122,11 +123,15 @@ impl PyPool {
     /// `pick()` result: every deployment is excluded, down, open-circuited or cooling down.
     #[classattr]
     const UNAVAILABLE: isize = UNAVAILABLE;
+    /// Most workers a shared pool keeps rows for (worker indexes are taken modulo this).
+    #[classattr]
+    const MAX_WORKERS: usize = MAX_WORKERS;
 
     #[new]
     #[pyo3(signature = (
         deployments, strategy = "p2c", *, breaker_failures = 3, breaker_error_rate = 0.5,
-        breaker_window_s = 30.0, breaker_min_requests = 10, cooldown_s = 10.0, max_cooldown_s = 120.0
+        breaker_window_s = 30.0, breaker_min_requests = 10, cooldown_s = 10.0, max_cooldown_s = 120.0,
+        shared = None, worker = 0
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -138,6 +143,8 @@ impl PyPool {
         breaker_min_requests: u32,
         cooldown_s: f64,
         max_cooldown_s: f64,
+        shared: Option<PathBuf>,
+        worker: usize,
     ) -> PyResult<Self> {
         let strategy = Strategy::from_name(strategy).ok_or_else(|| {
             let names: Vec<&str> = Strategy::ALL.iter().map(|s| s.name()).collect();
@@ -159,11 +166,18 @@ impl PyPool {
             cooldown_s,
             max_cooldown_s,
         };
-        let core = Pool::new(specs, strategy, breaker).map_err(to_py_err)?;
-        Ok(PyPool {
-            core,
-            epoch: Instant::now(),
-        })
+        let core = match shared {
+            None => Pool::new(specs, strategy, breaker),
+            Some(path) => Pool::shared(specs, strategy, breaker, &path, worker),
+        }
+        .map_err(to_py_err)?;
+        Ok(PyPool { core })
+    }
+
+    /// Whether the state is shared with the daemon's other workers (`shared=` a file).
+    #[getter]
+    fn shared(&self) -> bool {
+        self.core.is_shared()
     }
 
     /// The strategy's name.
