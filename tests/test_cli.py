@@ -115,6 +115,17 @@ def test_serve_refuses_a_bad_config_before_binding(tmp_path: Path) -> None:
     assert "error(s)" in result.stderr
 
 
+def test_serve_refuses_more_workers_than_the_shared_state_has_rows_for(tmp_path: Path) -> None:
+    for args in (["--workers", "33"], ["--workers", "0"]):
+        result = tokenrelay("serve", "--listen", f"127.0.0.1:{free_port()}", "--db", str(tmp_path / "u.db"), *args)
+        assert result.returncode == 1, result.stderr
+        assert "--workers: must be between 1 and 32" in result.stderr and "listening" not in result.stdout
+    path = tmp_path / "many.toml"
+    path.write_text("workers = 40\n")
+    result = tokenrelay("serve", "--config", str(path))
+    assert result.returncode == 1 and "workers: must be between 1 and 32" in result.stderr
+
+
 def test_serve_on_a_port_in_use_says_so_and_exits(tmp_path: Path) -> None:
     # Something else listens on the port; then the workers of another daemon (SO_REUSEPORT, as tokenrelay's bind),
     # which a second `--workers` daemon must not join. One worker or several: a one-line reason, exit code 2, at

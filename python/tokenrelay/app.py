@@ -63,7 +63,9 @@ def build_app(config: Config) -> web.Application:
         for deployment in route.deployments:
             meter.price_sources[route.name, deployment.name] = deployment.base_url
     # With several workers: one table of client keys' and runs' limit counters for all of them (else None).
-    shared = sharedkeys.open_shared(workermetrics.directory(), int(os.environ.get(busypoll.WORKER_INDEX_ENV) or 0))
+    workers_dir = workermetrics.directory()
+    worker = int(os.environ.get(busypoll.WORKER_INDEX_ENV) or 0)
+    shared = sharedkeys.open_shared(workers_dir, worker)
     gate = auth.Gate(ledger.path, os.environ.get(auth.ADMIN_ENV), meter, config.routes, shared)
     app[auth.GATE] = gate
 
@@ -74,7 +76,7 @@ def build_app(config: Config) -> web.Application:
         client = await asyncio.to_thread(Client, asyncio.get_running_loop(), tls)  # loading CA certs blocks
         if plane.enabled():
             client.plane = DataPlane(asyncio.get_running_loop())
-        relay = app[RELAY] = Relay(config, client, meter)
+        relay = app[RELAY] = Relay(config, client, meter, workers_dir, worker)
         checks: list[asyncio.Future[None]] = [
             asyncio.ensure_future(health_check_loop(pool, relay.client))
             for pool in relay.pools.values()

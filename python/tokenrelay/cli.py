@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from tokenrelay import __version__
-from tokenrelay.config import ConfigError, load_config, parse_listen
+from tokenrelay.config import ConfigError, load_config, parse_listen, workers_error
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -148,7 +148,10 @@ def _serve(args: argparse.Namespace) -> int:
         return 1
     if args.db:
         config = replace(config, db=args.db)
-    if args.workers:
+    if args.workers is not None:
+        if (why := workers_error(args.workers)) is not None:
+            _print_config_errors(ConfigError([f"--workers: {why}"]))
+            return 1
         config = replace(config, workers=args.workers)
     if args.log_level:
         config = replace(config, log_level=args.log_level)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from tokenrelay._core import Pool
 from tokenrelay.pricing import builtin_price
 
 DEFAULT_HOST = "127.0.0.1"
@@ -328,6 +329,14 @@ def _positive(value: float) -> str | None:
     return None if value > 0 else "must be greater than 0"
 
 
+# The workers' shared state (deployments' balancing state, client keys' counters) keeps one row per worker.
+MAX_WORKERS = Pool.MAX_WORKERS
+
+
+def workers_error(value: int) -> str | None:
+    return None if 1 <= value <= MAX_WORKERS else f"must be between 1 and {MAX_WORKERS}"
+
+
 def _non_negative(value: float) -> str | None:
     return None if value >= 0 else "must not be negative"
 
@@ -570,7 +579,7 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None, 
         port=port,
         db=c.get(data, "db", "", (str, type(None)), None),
         max_body_bytes=c.get(data, "max_body_bytes", "", int, DEFAULT_MAX_BODY_BYTES, _positive),
-        workers=c.get(data, "workers", "", int, 1, _positive),
+        workers=c.get(data, "workers", "", int, 1, workers_error),
         log_level=log_level.lower(),
         log_requests=c.get(data, "log_requests", "", bool, True),
         flush_interval_s=c.get(data, "flush_interval_s", "", float, 1.0, _positive),

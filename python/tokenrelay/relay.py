@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import aiohttp
@@ -284,11 +285,16 @@ class Attempt:
 class Relay:
     """Holds the upstream client, one pool per route, and the metering sink."""
 
-    def __init__(self, config: Config, client: Client, meter: Metering) -> None:
+    def __init__(
+        self, config: Config, client: Client, meter: Metering, shared: Path | None = None, worker: int = 0
+    ) -> None:
         self.config = config
         self.client = client
         self.meter = meter
-        self.pools: dict[str, RoutePool] = {name: RoutePool(route) for name, route in config.routes.items()}
+        # (with `shared`, the workers' directory: each route's balancing state is the daemon's, `RoutePool`)
+        self.pools: dict[str, RoutePool] = {
+            name: RoutePool(route, shared, worker) for name, route in config.routes.items()
+        }
         # Built in the app's startup, on its loop; cached because in Python 3.11 every get_running_loop() is a
         # getpid() system call.
         self.loop = asyncio.get_running_loop()

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 from tokenrelay._core import Pool
 from tokenrelay.config import Route
@@ -35,10 +37,21 @@ class Pick:
         return self.index >= 0
 
 
-class RoutePool:
-    """A route's deployments and their balancing state (the Rust `Pool`), plus the wait queue."""
+def shared_pool_path(directory: Path, route: str) -> Path:
+    """The file of a route's balancing state that a daemon's workers share, in their directory."""
+    return directory / f"pool-{hashlib.sha256(route.encode()).hexdigest()[:24]}.shm"
 
-    def __init__(self, route: Route) -> None:
+
+class RoutePool:
+    """A route's deployments and their balancing state (the Rust `Pool`), plus the wait queue.
+
+    With `shared` (the directory of a daemon's workers, `workermetrics.directory()`) the state is in a file
+    there that every worker maps (as worker `worker`): a deployment's `max_concurrent`, rpm and tpm, its
+    breaker and cooldowns hold for the daemon, not for each worker. The wait queue stays each worker's: a
+    release in another worker wakes no one here, so a waiter polls again when the pool says (50 ms while only
+    concurrency is in the way)."""
+
+    def __init__(self, route: Route, shared: Path | None = None, worker: int = 0) -> None:
         self.route = route
         b = route.breaker
         self.pool = Pool(
@@ -60,6 +73,8 @@ class RoutePool:
             breaker_min_requests=b.min_requests,
             cooldown_s=b.cooldown_s,
             max_cooldown_s=b.max_cooldown_s,
+            shared=None if shared is None else shared_pool_path(shared, route.name),
+            worker=worker,
         )
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self.waiting = 0

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, TypeVar
 if TYPE_CHECKING:
     from tokenrelay.admission import KeyState
 
+from tokenrelay import config
 from tokenrelay.budget import Budget, Reservation
 
 T = TypeVar("T")
@@ -40,7 +41,7 @@ FILE = "keys.shm"
 SLOTS = 8192  # keys with limits and runs with budgets, over the daemon's life (slots are not reused)
 SLOT_SIZE = 8 * 1024
 PAIRS = 128  # entries of each window: (time f64, count i64)
-MAX_WORKERS = 32
+MAX_WORKERS = config.MAX_WORKERS
 # key id, period start, USD spent, window tokens, admitted requests; then for a run's budget (`SharedBudget`): its
 # limit, requests refused, requests settled with an unknown cost. (Then what each worker holds, then the windows.)
 _KEYHEAD = struct.Struct("<64sddqq")
