@@ -15,6 +15,8 @@ from pathlib import Path
 import openai
 import pytest
 from tokenrelay._core import Pool
+from tokenrelay.config import parse_config
+from tokenrelay.routing import RoutePool, Waker
 
 from tests.conftest import Daemon, MockUpstream, free_port, start_daemon
 from tests.test_worker_metrics import wait_workers
@@ -77,6 +79,40 @@ def test_pools_on_one_file_are_one_pool(tmp_path: Path) -> None:
     assert b.pick() == 0
     with pytest.raises(ValueError, match="another configuration"):
         shared_pool(tmp_path, 2, max_concurrent=2)
+
+
+async def test_room_freed_in_one_worker_wakes_a_request_queued_in_another(tmp_path: Path) -> None:
+    route = parse_config(
+        {
+            "routes": {
+                "r": {
+                    "queue_timeout_s": 30.0,
+                    "deployments": [
+                        {"kind": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "m", "max_concurrent": 1}
+                    ],
+                }
+            }
+        },
+        env={},
+    ).routes["r"]
+    a, b = RoutePool(route, tmp_path, 0), RoutePool(route, tmp_path, 1)
+    waker_a, waker_b = Waker(tmp_path, 0, {"r": a}), Waker(tmp_path, 1, {"r": b})
+    try:
+        held = a.pick([])
+        assert held.ok and not b.pick([]).ok
+        queued = asyncio.create_task(b.acquire([]))
+        await asyncio.sleep(0)  # (b's request runs up to its wait in the queue)
+        assert a.pool.others_waiting() == 1 << 1
+        a.release(held.index, "success")
+        # Woken by a's datagram, not by its own 50 ms poll of the shared state.
+        got = await asyncio.wait_for(queued, 5)
+        assert got.ok and (waker_a.sent, waker_b.received) == (1, 1)
+        assert not a.pool.others_waiting()  # (b waits no more)
+        b.release(got.index, "success")
+        assert waker_b.sent == 0  # nobody was waiting
+    finally:
+        waker_a.close()
+        waker_b.close()
 
 
 async def test_a_429_through_one_worker_keeps_every_worker_off_the_deployment(

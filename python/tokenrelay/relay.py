@@ -42,7 +42,7 @@ from tokenrelay.errors import error_event, error_response
 from tokenrelay.h1client import Client, ConnectError, ConnectTimeout, Response, UpstreamError
 from tokenrelay.metering import Metering, Outcome
 from tokenrelay.ratelimit import cooldown_from_headers
-from tokenrelay.routing import CANCELLED, FAILURE, RATE_LIMITED, SUCCESS, RoutePool
+from tokenrelay.routing import CANCELLED, FAILURE, RATE_LIMITED, SUCCESS, RoutePool, Waker
 from tokenrelay.server import FastRequest, FastStream, FrontEnd
 from tokenrelay.upstream import redact, redact_text, response_headers, upstream_request
 from tokenrelay.workermetrics import Exporter
@@ -295,6 +295,12 @@ class Relay:
         self.pools: dict[str, RoutePool] = {
             name: RoutePool(route, shared, worker) for name, route in config.routes.items()
         }
+        self.waker: Waker | None = None
+        if shared is not None:
+            try:
+                self.waker = Waker(shared, worker, self.pools)
+            except OSError as exc:
+                log.warning("requests queued at a deployment's limits are woken by polling only: %s", exc)
         # Built in the app's startup, on its loop; cached because in Python 3.11 every get_running_loop() is a
         # getpid() system call.
         self.loop = asyncio.get_running_loop()

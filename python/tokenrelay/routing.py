@@ -8,6 +8,8 @@ import asyncio
 import collections
 import hashlib
 import logging
+import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,14 +44,73 @@ def shared_pool_path(directory: Path, route: str) -> Path:
     return directory / f"pool-{hashlib.sha256(route.encode()).hexdigest()[:24]}.shm"
 
 
+class Waker:
+    """With several workers: wakes the requests another worker has queued at a shared deployment's limits when
+    this worker frees room there. Each worker binds a datagram socket `wake-<index>.sock` in the workers'
+    directory; a release that finds no waiter of its own but others' (`Pool.others_waiting()`) sends the route's
+    name to theirs, and the receiver lets its oldest waiter on that route try again. Best effort: a lost
+    datagram leaves the waiter to its next poll."""
+
+    def __init__(self, directory: Path, worker: int, pools: Mapping[str, RoutePool]) -> None:
+        self.directory, self.pools = directory, pools
+        self.loop = asyncio.get_running_loop()
+        self.sent = self.received = 0
+        path = self.path(worker)
+        path.unlink(missing_ok=True)  # (left by a predecessor of this index that died)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            self.sock.setblocking(False)
+            self.sock.bind(str(path))
+        except OSError:
+            self.sock.close()
+            raise
+        self.loop.add_reader(self.sock.fileno(), self._readable)
+        for pool in pools.values():
+            pool.waker = self
+
+    def path(self, worker: int) -> Path:
+        return self.directory / f"wake-{worker}.sock"
+
+    def notify(self, workers: int, route: str) -> None:
+        """Tells each worker in the bit set `workers` that `route` has room."""
+        name = route.encode()
+        w = 0
+        while workers:
+            if workers & 1:
+                try:
+                    self.sock.sendto(name, str(self.path(w)))
+                    self.sent += 1
+                except OSError:  # (gone, or its queue full: it polls)
+                    pass
+            workers >>= 1
+            w += 1
+
+    def _readable(self) -> None:
+        while True:
+            try:
+                name = self.sock.recv(1024)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            self.received += 1
+            pool = self.pools.get(name.decode("utf-8", "replace"))
+            if pool is not None:
+                pool.wake_one()
+
+    def close(self) -> None:
+        self.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+
+
 class RoutePool:
     """A route's deployments and their balancing state (the Rust `Pool`), plus the wait queue.
 
     With `shared` (the directory of a daemon's workers, `workermetrics.directory()`) the state is in a file
     there that every worker maps (as worker `worker`): a deployment's `max_concurrent`, rpm and tpm, its
     breaker and cooldowns hold for the daemon, not for each worker. The wait queue stays each worker's: a
-    release in another worker wakes no one here, so a waiter polls again when the pool says (50 ms while only
-    concurrency is in the way)."""
+    release in another worker reaches a waiter here through `Waker` (and a waiter polls again when the pool
+    says anyway: 50 ms while only concurrency is in the way)."""
 
     def __init__(self, route: Route, shared: Path | None = None, worker: int = 0) -> None:
         self.route = route
@@ -78,6 +139,7 @@ class RoutePool:
         )
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self.waiting = 0
+        self.waker: Waker | None = None  # (shared: tells the other workers when room is freed here)
         self._ttfts: collections.deque[float] = collections.deque(maxlen=200)
 
     def pick(self, exclude: list[int]) -> Pick:
@@ -96,6 +158,8 @@ class RoutePool:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.route.queue_timeout_s
         self.waiting += 1
+        if self.waiting == 1:
+            self.pool.set_waiting(True)  # (shared: a worker that frees room tells this one, `Waker`)
         try:
             while True:
                 remaining = deadline - loop.time()
@@ -117,8 +181,11 @@ class RoutePool:
                     return pick
         finally:
             self.waiting -= 1
+            if not self.waiting:
+                self.pool.set_waiting(False)
 
-    def _wake_one(self) -> None:
+    def wake_one(self) -> None:
+        """Lets the oldest queued request try again (room was freed here, or in another worker)."""
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
@@ -134,7 +201,9 @@ class RoutePool:
     ) -> None:
         self.pool.release(idx, outcome, output_tokens, total_tokens, duration_s)  # type: ignore[arg-type]
         if self._waiters:
-            self._wake_one()
+            self.wake_one()
+        elif self.waker is not None and (others := self.pool.others_waiting()):
+            self.waker.notify(others, self.route.name)
 
     def cooldown(self, idx: int, seconds: float) -> None:
         self.pool.cooldown(idx, seconds)

@@ -403,6 +403,17 @@ impl Pool {
         self.region.worker()
     }
 
+    /// Tells the other workers of a shared pool whether this one has requests waiting for room (queued at a
+    /// limit), so that one that frees room can wake it ([`Pool::others_waiting`]). A no-op unless shared.
+    pub fn set_waiting(&self, waiting: bool) {
+        self.region.set_waiting(waiting);
+    }
+
+    /// The other workers with requests waiting for room, as a bit set by worker index (0 unless shared).
+    pub fn others_waiting(&self) -> u32 {
+        self.region.others_waiting()
+    }
+
     fn build(
         specs: Vec<DeploymentSpec>,
         strategy: Strategy,

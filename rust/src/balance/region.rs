@@ -27,7 +27,7 @@ use super::deployment::{AtomicF64, Inner};
 /// Most workers whose rows a state keeps (a worker index is taken modulo this).
 pub const MAX_WORKERS: usize = 32;
 const MAGIC: u64 = u64::from_le_bytes(*b"trpool\0\x01");
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 /// The states start at this offset of the file (a cache line past the header).
 const STATES_AT: usize = 64;
 
@@ -50,6 +50,8 @@ struct Header {
     state_size: u64,
     fingerprint: u64,
     epoch_ns: u64,
+    /// Bit `w`: worker `w` has requests waiting for room on this pool (so a release elsewhere should wake it).
+    waiting: AtomicU32,
 }
 
 /// One deployment's state: the figures `pick()` scans without a lock, and the rest behind the lock.
@@ -278,6 +280,7 @@ impl Region {
             ptr::addr_of_mut!((*head).state_size).write(size_of::<State>() as u64);
             ptr::addr_of_mut!((*head).fingerprint).write(fingerprint);
             ptr::addr_of_mut!((*head).epoch_ns).write(epoch_ns);
+            ptr::addr_of_mut!((*head).waiting).write(AtomicU32::new(0));
             region.epoch_ns = epoch_ns;
             let region = region.build(count, inner)?;
             header.magic.store(MAGIC, Relaxed);
@@ -291,6 +294,7 @@ impl Region {
         }
         region.epoch_ns = header.epoch_ns;
         region.count = count;
+        region.set_waiting(false); // (a predecessor of this index may have died waiting)
         Ok(region)
     }
 
@@ -331,6 +335,32 @@ impl Region {
     /// This process's row in each state.
     pub(crate) fn worker(&self) -> usize {
         self.worker
+    }
+
+    fn header(&self) -> Option<&Header> {
+        match self.memory {
+            Memory::Heap(_) => None,
+            // SAFETY: a mapped region starts with its header, checked or built in `map_locked`.
+            Memory::Mapped(_) => Some(unsafe { &*self.base.as_ptr().cast::<Header>() }),
+        }
+    }
+
+    /// Marks whether this worker has requests waiting for room (a no-op unless shared).
+    pub(crate) fn set_waiting(&self, waiting: bool) {
+        if let Some(h) = self.header() {
+            let bit = 1u32 << self.worker;
+            if waiting {
+                h.waiting.fetch_or(bit, Relaxed);
+            } else {
+                h.waiting.fetch_and(!bit, Relaxed);
+            }
+        }
+    }
+
+    /// The other workers with requests waiting for room, as a bit set by worker index (0 unless shared).
+    pub(crate) fn others_waiting(&self) -> u32 {
+        self.header()
+            .map_or(0, |h| h.waiting.load(Relaxed) & !(1u32 << self.worker))
     }
 }
 

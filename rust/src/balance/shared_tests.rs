@@ -215,3 +215,26 @@ fn pool_shared() -> (TempPath, Pool) {
     let p = worker(&path, specs(None, None), BreakerConfig::default(), 3);
     (path, p)
 }
+
+#[test]
+fn workers_see_who_else_is_waiting() {
+    let path = TempPath::new();
+    let a = worker(&path, specs(None, None), BreakerConfig::default(), 0);
+    let b = worker(&path, specs(None, None), BreakerConfig::default(), 5);
+    assert_eq!((a.others_waiting(), b.others_waiting()), (0, 0));
+    b.set_waiting(true);
+    a.set_waiting(true);
+    assert_eq!(a.others_waiting(), 1 << 5);
+    assert_eq!(b.others_waiting(), 1);
+    b.set_waiting(false);
+    assert_eq!(a.others_waiting(), 0);
+    // A worker that died waiting: its successor starts not waiting.
+    b.set_waiting(true);
+    drop(b);
+    let _b = worker(&path, specs(None, None), BreakerConfig::default(), 5);
+    assert_eq!(a.others_waiting(), 0);
+    // Without sharing there is no one else.
+    let private = pool_private();
+    private.set_waiting(true);
+    assert_eq!(private.others_waiting(), 0);
+}

@@ -180,6 +180,16 @@ impl PyPool {
         self.core.is_shared()
     }
 
+    /// Tells the other workers whether this one has requests queued for room on this pool.
+    fn set_waiting(&self, waiting: bool) {
+        self.core.set_waiting(waiting);
+    }
+
+    /// The other workers with requests queued for room, as a bit set by worker index (0 unless shared).
+    fn others_waiting(&self) -> u32 {
+        self.core.others_waiting()
+    }
+
     /// The strategy's name.
     #[getter]
     fn strategy(&self) -> &'static str {
