@@ -156,6 +156,27 @@ def one_at_a_time(
     return slow, two_workers(tmp_path, config)
 
 
+async def test_the_breaker_opens_once_for_the_daemon(
+    mock_factory: Callable[..., MockUpstream], tmp_path: Path
+) -> None:
+    broken = mock_factory(fail_status=500)
+    spare = mock_factory(delay_ms=1.0)
+    config = (
+        '[routes.r]\nstrategy = "priority"\n[routes.r.breaker]\nfailures = 3\ncooldown_s = 60.0\n'
+        + deployment("broken", broken, "tier = 1")
+        + deployment("spare", spare, "tier = 2")
+    )
+    d = two_workers(tmp_path, config)
+    try:
+        # One request at a time over new connections: the first three fail over from `broken` to `spare` and
+        # open its circuit for every worker (a breaker per worker would let each send its own three).
+        assert [await call(d) for _ in range(16)] == [200] * 16
+        assert broken.stats()["requests"] == 3
+        assert spare.stats()["requests"] == 16
+    finally:
+        d.stop()
+
+
 async def test_max_concurrent_is_the_daemons_not_each_workers(
     mock_factory: Callable[..., MockUpstream], tmp_path: Path
 ) -> None:
