@@ -15,8 +15,8 @@ from pathlib import Path
 import openai
 import pytest
 from tokenrelay._core import Pool
-from tokenrelay.config import parse_config
-from tokenrelay.routing import RoutePool, Waker
+from tokenrelay.config import Route, parse_config
+from tokenrelay.routing import RoutePool, Waker, shared_pool_path
 
 from tests.conftest import Daemon, MockUpstream, free_port, start_daemon
 from tests.test_worker_metrics import wait_workers
@@ -81,20 +81,32 @@ def test_pools_on_one_file_are_one_pool(tmp_path: Path) -> None:
         shared_pool(tmp_path, 2, max_concurrent=2)
 
 
-async def test_room_freed_in_one_worker_wakes_a_request_queued_in_another(tmp_path: Path) -> None:
-    route = parse_config(
-        {
-            "routes": {
-                "r": {
-                    "queue_timeout_s": 30.0,
-                    "deployments": [
-                        {"kind": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "m", "max_concurrent": 1}
-                    ],
-                }
+def bench_route() -> Route:
+    config = {
+        "routes": {
+            "r": {
+                "queue_timeout_s": 30.0,
+                "deployments": [
+                    {"kind": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "m", "max_concurrent": 1}
+                ],
             }
-        },
-        env={},
-    ).routes["r"]
+        }
+    }
+    return parse_config(config, env={}).routes["r"]
+
+
+def test_a_worker_that_cannot_map_the_pool_file_serves_with_its_own_limits(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    route = bench_route()
+    shared_pool_path(tmp_path, "r").mkdir()  # (something in the way: open() fails)
+    pool = RoutePool(route, tmp_path, 1)
+    assert not pool.pool.shared and pool.pick([]).ok
+    assert "limits and breakers are this worker's alone" in caplog.text
+
+
+async def test_room_freed_in_one_worker_wakes_a_request_queued_in_another(tmp_path: Path) -> None:
+    route = bench_route()
     a, b = RoutePool(route, tmp_path, 0), RoutePool(route, tmp_path, 1)
     waker_a, waker_b = Waker(tmp_path, 0, {"r": a}), Waker(tmp_path, 1, {"r": b})
     try:

@@ -115,28 +115,42 @@ class RoutePool:
     def __init__(self, route: Route, shared: Path | None = None, worker: int = 0) -> None:
         self.route = route
         b = route.breaker
-        self.pool = Pool(
-            [
-                {
-                    "name": d.name,
-                    "weight": d.weight,
-                    "tier": d.tier,
-                    "max_concurrent": d.max_concurrent,
-                    "rpm": d.rpm,
-                    "tpm": d.tpm,
-                }
-                for d in route.deployments
-            ],
-            route.strategy,
-            breaker_failures=b.failures,
-            breaker_error_rate=b.error_rate,
-            breaker_window_s=b.window_s,
-            breaker_min_requests=b.min_requests,
-            cooldown_s=b.cooldown_s,
-            max_cooldown_s=b.max_cooldown_s,
-            shared=None if shared is None else shared_pool_path(shared, route.name),
-            worker=worker,
-        )
+        specs: list[dict[str, object]] = [
+            {
+                "name": d.name,
+                "weight": d.weight,
+                "tier": d.tier,
+                "max_concurrent": d.max_concurrent,
+                "rpm": d.rpm,
+                "tpm": d.tpm,
+            }
+            for d in route.deployments
+        ]
+
+        def build(path: Path | None) -> Pool:
+            return Pool(
+                specs,
+                route.strategy,
+                breaker_failures=b.failures,
+                breaker_error_rate=b.error_rate,
+                breaker_window_s=b.window_s,
+                breaker_min_requests=b.min_requests,
+                cooldown_s=b.cooldown_s,
+                max_cooldown_s=b.max_cooldown_s,
+                shared=path,
+                worker=worker,
+            )
+
+        if shared is None:
+            self.pool = build(None)
+        else:
+            try:
+                self.pool = build(shared_pool_path(shared, route.name))
+            except ValueError as exc:  # (the file cannot be made or mapped: the worker still serves)
+                log.warning(
+                    "route %s: its deployments' limits and breakers are this worker's alone: %s", route.name, exc
+                )
+                self.pool = build(None)  # (raises again if it was the configuration)
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self.waiting = 0
         self.waker: Waker | None = None  # (shared: tells the other workers when room is freed here)
