@@ -89,9 +89,7 @@ class Waker:
         while True:
             try:
                 name = self.sock.recv(1024)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
+            except OSError:  # (drained: BlockingIOError; or the socket is gone)
                 return
             self.received += 1
             pool = self.pools.get(name.decode("utf-8", "replace"))
